@@ -1,0 +1,49 @@
+"""Model families. Importing this package registers every family and its presets."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import DecoderConfig, get_preset
+from ..errors import ConfigError
+from .base import DecoderLM, LossParts, count_params
+from .gpt3 import GPT3, GPT3Config
+from .gpt4 import GPT4, GPT4Config
+from .lamda import LaMDA, LaMDAConfig
+from .llama import LLaMA, LLaMAConfig
+from .palm import PaLM, PaLMConfig
+
+MODELS: dict[type[DecoderConfig], type[DecoderLM]] = {
+    GPT3Config: GPT3, PaLMConfig: PaLM, LLaMAConfig: LLaMA, LaMDAConfig: LaMDA, GPT4Config: GPT4,
+}
+
+
+def build(config: DecoderConfig | str, *, device: torch.device | str | None = None) -> DecoderLM:
+    """Instantiate a model from a config (or a preset name). device="meta" allocates nothing."""
+    if isinstance(config, str):
+        config = get_preset(config).config
+    cls = MODELS.get(type(config))
+    if cls is None:
+        raise ConfigError(f"no model for config type {type(config).__name__}")
+    if device is None:
+        return cls(config)
+    with torch.device(device):
+        return cls(config)
+
+
+def describe(config: DecoderConfig) -> dict:
+    """Parameter counts of a config, computed on the meta device (nothing allocated)."""
+    model = build(config, device="meta")
+    total, non_emb = count_params(model)
+    out = {"params": total, "non_embedding_params": non_emb}
+    if isinstance(config, GPT4Config):
+        # active parameters per token: top_k of n_expert experts run
+        expert = sum(p.numel() for n, p in model.named_parameters() if ".mlp.w_" in n)
+        out["active_params"] = total - expert + expert * config.top_k // config.n_expert
+    return out
+
+
+__all__ = ["build", "describe", "count_params", "DecoderLM", "LossParts", "MODELS",
+           "GPT3", "GPT3Config", "PaLM", "PaLMConfig", "LLaMA", "LLaMAConfig",
+           "LaMDA", "LaMDAConfig", "GPT4", "GPT4Config", "nn"]

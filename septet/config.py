@@ -1,0 +1,134 @@
+"""Model configs and the preset registry.
+
+Each family file (septet/models/*.py) defines its own config dataclass, derived from
+`DecoderConfig`, and registers its presets here with the paper's numbers. A config
+round-trips through `config.json` as a plain dict with a "family" key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+
+@dataclass
+class DecoderConfig:
+    """Fields every decoder-only LM has. Families add their own."""
+
+    family: ClassVar[str] = "decoder"
+
+    vocab_size: int = 32000
+    n_layer: int = 12
+    d_model: int = 768
+    n_head: int = 12
+    n_kv_head: int = 0  # 0: same as n_head (MHA)
+    d_head: int = 0  # 0: d_model // n_head
+    d_ff: int = 0  # 0: family default
+    context: int = 2048
+    norm_eps: float = 1e-5
+    z_loss: float = 0.0  # coefficient of log²Z added to the loss (PaLM: 1e-4)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.d_head == 0:
+            self.d_head = self.d_model // self.n_head
+        for name in ("vocab_size", "n_layer", "d_model", "n_head", "d_head", "context"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config field '{name}' must be positive, got {getattr(self, name)}")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"config field 'n_kv_head'={self.n_kv_head} must divide n_head={self.n_head}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, **dataclasses.asdict(self)}
+
+    def replace(self, **changes: Any) -> "DecoderConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The paper's training hyper-parameters for a preset (used as `septet train` defaults)."""
+
+    optimizer: str = "adamw"  # adamw | adafactor
+    lr: float = 3e-4
+    schedule: str = "cosine"  # cosine | inverse_sqrt | constant
+    warmup_steps: int = 2000
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    batch_tokens: int = 0  # paper's global batch in tokens (0: unpublished)
+    train_tokens: int = 0  # paper's total training tokens (0: unpublished)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    config: DecoderConfig
+    recipe: Recipe = field(default_factory=Recipe)
+    note: str = ""  # e.g. "estimate: shape unpublished"; shown by `septet models`
+    source: str = ""  # where the numbers come from
+
+
+_PRESETS: dict[str, Preset] = {}
+_FAMILIES: dict[str, type[DecoderConfig]] = {}
+
+
+def register_family(cls: type[DecoderConfig]) -> type[DecoderConfig]:
+    _FAMILIES[cls.family] = cls
+    return cls
+
+
+def register(preset: Preset) -> None:
+    if preset.name in _PRESETS:
+        raise ValueError(f"preset {preset.name!r} registered twice")
+    _PRESETS[preset.name] = preset
+
+
+def _load_families() -> None:
+    from . import models  # noqa: F401  (importing registers every family and preset)
+
+
+def presets() -> dict[str, Preset]:
+    _load_families()
+    return dict(_PRESETS)
+
+
+def get_preset(name: str) -> Preset:
+    _load_families()
+    if name not in _PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, _PRESETS, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "run `septet models` for the list"
+        raise ConfigError(f"unknown model preset '{name}': {hint}")
+    return _PRESETS[name]
+
+
+def config_from_dict(d: dict[str, Any], source: str = "config.json") -> DecoderConfig:
+    """Rebuild a config from its dict; errors name `source` and the offending field."""
+    _load_families()
+    if not isinstance(d, dict) or "family" not in d:
+        raise ConfigError(f"{source}: missing field 'family' (one of {', '.join(sorted(_FAMILIES))})")
+    fam = d["family"]
+    if fam not in _FAMILIES:
+        raise ConfigError(f"{source}: field 'family' is {fam!r}; expected one of {', '.join(sorted(_FAMILIES))}")
+    cls = _FAMILIES[fam]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names - {"family"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown field '{unknown[0]}' for family {fam}; remove it")
+    kwargs = {k: v for k, v in d.items() if k != "family"}
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs and f.type in ("int", "float") and not isinstance(kwargs[f.name], (int, float)):
+            raise ConfigError(f"{source}: field '{f.name}' must be a number, got {kwargs[f.name]!r}")
+        if f.name in kwargs and f.type == "int" and isinstance(kwargs[f.name], float):
+            raise ConfigError(f"{source}: field '{f.name}' must be an integer, got {kwargs[f.name]!r}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{source}: {e}") from None

@@ -1,0 +1,127 @@
+"""What every decoder-only family shares: the forward skeleton, the loss, the cache.
+
+A family file supplies its blocks and three small hooks — how tokens become vectors,
+what per-call position context its attention needs, how vectors become logits — and
+reads like the paper's architecture section. Everything else lives here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import DecoderConfig
+from ..nn.attention import AttnContext, KVCache
+from ..nn.moe import MoE
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor  # what to backpropagate
+    ce: torch.Tensor  # mean next-token cross-entropy
+    z: torch.Tensor  # PaLM's z-loss term (already scaled), 0 if unused
+    aux: torch.Tensor  # MoE balance term (already scaled), 0 if unused
+
+
+class DecoderLM(nn.Module):
+    """Decoder-only LM: embed → blocks → final norm → logits.
+
+    forward(tokens (B, T) int64, *, cache=None, positions=None) -> logits (B, T, V).
+    `positions` (T,) or (B, T) default to cache.pos + arange(T).
+    """
+
+    config: DecoderConfig
+    blocks: nn.ModuleList
+    norm_f: nn.Module
+
+    # --- family hooks -------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attn_context(self, positions: torch.Tensor, n_keys: int) -> AttnContext:
+        return AttnContext()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- shared -------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        B, T = tokens.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.context and positions is None:
+            raise ValueError(f"input of {start + T} tokens exceeds the model's context of "
+                             f"{self.config.context}; shorten the prompt")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device)  # (T,)
+        x = self.embed(tokens, positions)  # (B, T, C)
+        ctx = self.attn_context(positions, start + T)
+        for block in self.blocks:
+            x = block(x, ctx, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.logits(self.norm_f(x))  # (B, T, V)
+
+    def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        c = self.config
+        p = next(self.parameters())
+        return KVCache(c.n_layer, batch, c.n_kv_head, max_len or c.context, c.d_head,
+                       dtype=dtype or p.dtype, device=device or p.device)
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def aux_loss_coef(self) -> float:
+        return 0.0
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> LossParts:
+        """Next-token cross-entropy (+ PaLM z-loss, + MoE balance) in fp32."""
+        flat = logits.float().reshape(-1, logits.shape[-1])  # (B·T, V)
+        tgt = targets.reshape(-1)
+        ce = F.cross_entropy(flat, tgt, ignore_index=ignore_index)
+        zero = flat.new_zeros(())
+        z = zero
+        if self.config.z_loss:
+            # PaLM §5: z_loss = 1e-4 · log²Z keeps the softmax normaliser near 1
+            valid = tgt != ignore_index
+            z = self.config.z_loss * torch.logsumexp(flat[valid], dim=-1).square().mean()
+        aux = zero
+        coef = self.aux_loss_coef()
+        if coef:
+            aux = coef * sum(m.balance_loss for m in self.moe_layers()) / max(1, len(self.moe_layers()))
+        return LossParts(total=ce + z + aux, ce=ce, z=z, aux=aux)
+
+
+def init_normal(module: nn.Module, std: float = 0.02, residual_std: float | None = None,
+                residual_names: tuple[str, ...] = ("o_proj", "proj", "down_proj", "w_down")) -> None:
+    """GPT-2/GPT-3 init: N(0, std) for weights, zeros for biases, and the residual output
+    projections at std/√(2·n_layer) so the residual stream's variance does not grow with depth."""
+    for name, p in module.named_parameters():
+        parts = name.split(".")
+        leaf = parts[-2] if parts[-1] in ("weight", "bias") and len(parts) > 1 else parts[-1]
+        if p.dim() < 2:
+            continue  # norms keep ones, biases are zeroed below
+        s = residual_std if residual_std is not None and leaf in residual_names else std
+        nn.init.normal_(p, mean=0.0, std=s)
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, non-embedding). Tied weights count once; non-embedding excludes the token
+    and learned position tables (Kaplan et al. 2020), but keeps an untied output head."""
+    seen: set[int] = set()
+    total = emb = 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if name.startswith(("tok_emb", "pos_emb")):
+            emb += p.numel()
+    return total, total - emb

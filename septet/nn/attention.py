@@ -1,0 +1,152 @@
+"""Multi-head attention with grouped/multi-query K/V, causal and banded masks, and a KV cache.
+
+One module covers MHA (n_kv_head == n_head), GQA (1 < n_kv_head < n_head, LLaMA-2 style)
+and MQA (n_kv_head == 1, PaLM). The mask kind is a property of the layer (`window`), the
+rest of the geometry (rotary angles, relative bias) arrives per call in an `AttnContext`
+computed once per forward pass by the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .positions import apply_rope
+
+
+class AttnContext(NamedTuple):
+    """What every layer needs about positions for one forward call."""
+
+    cos: torch.Tensor | None = None  # (T, D/2) or (B, T, D/2) rotary angles
+    sin: torch.Tensor | None = None
+    bias: torch.Tensor | None = None  # (1, H, T, S) additive logits bias, S = keys incl. cache
+    rope_style: str = "half"
+
+
+class KVCache:
+    """Preallocated keys and values for all layers: (L, B, H_kv, T_max, D).
+
+    `pos` is the number of filled slots; a model forward writes its T new entries at
+    [pos, pos + T) in every layer, then advances `pos` once.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, d_head: int,
+                 *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (n_layer, batch, n_kv_head, max_len, d_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} tokens > {self.max_len} slots; "
+                             "allocate a larger cache or shorten the input")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+def band_mask(T: int, S: int, q_start: int, window: int | None) -> torch.Tensor:
+    """Boolean (T, S) mask: query at absolute position q_start+i sees key j iff
+    j <= q_start+i and (window is None or j > q_start+i-window)."""
+    i = torch.arange(q_start, q_start + T)[:, None]
+    j = torch.arange(S)[None, :]
+    mask = j <= i
+    if window is not None:
+        mask &= j > i - window
+    return mask
+
+
+def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal attention over the last `window` keys, in O(T·window) time and memory.
+
+    The sequence is cut into blocks of `window` queries; block b can only see keys of
+    blocks b−1 and b, so each block attends to 2·window keys instead of T (the local
+    pattern of the Sparse Transformer that GPT-3 alternates with dense layers).
+    q, k, v: (B, H, T, D) with equal head counts.
+    """
+    B, H, T, D = q.shape
+    w = window
+    nb = math.ceil(T / w)
+    pad = nb * w - T
+    qb = F.pad(q, (0, 0, 0, pad)).view(B, H, nb, w, D)
+    # one block of zeros in front so block 0 has a (fully masked) predecessor
+    kp = F.pad(k, (0, 0, w, pad)).view(B, H, nb + 1, w, D)
+    vp = F.pad(v, (0, 0, w, pad)).view(B, H, nb + 1, w, D)
+    kb = torch.cat((kp[:, :, :-1], kp[:, :, 1:]), dim=3)  # (B, H, nb, 2w, D)
+    vb = torch.cat((vp[:, :, :-1], vp[:, :, 1:]), dim=3)
+    a = torch.arange(w)[:, None]
+    c = torch.arange(2 * w)[None, :]
+    mask = ((c > a) & (c <= a + w)).expand(nb, w, 2 * w).clone()  # key offset in (−w, 0]
+    mask[0, :, :w] = False  # the zero block before the sequence start
+    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.to(q.device))
+    return y.reshape(B, H, nb * w, D)[:, :, :T]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int = 0,
+           window: int | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of q (B, H, T, D) over k, v (B, H_kv, S, D), S = q_start + T.
+
+    Picks the cheapest exact path: SDPA's causal kernel when no explicit mask is needed,
+    the blocked banded kernel for long windowed prefills, an explicit mask otherwise.
+    """
+    H, Hkv = q.shape[1], k.shape[1]
+    T, S = q.shape[2], k.shape[2]
+    gqa = H != Hkv
+    window_matters = window is not None and S > window
+    if bias is None and not window_matters:
+        if q_start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if T == 1:  # one new token sees the whole cache
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if window_matters and q_start == 0 and bias is None and T > window:
+        if gqa:
+            k = k.repeat_interleave(H // Hkv, dim=1)
+            v = v.repeat_interleave(H // Hkv, dim=1)
+        return banded_attention(q, k, v, window)
+    mask = band_mask(T, S, q_start, window).to(q.device)
+    if bias is not None:
+        mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, d_head: int, *,
+                 bias: bool = False, window: int | None = None, layer_idx: int = 0):
+        super().__init__()
+        if n_head % n_kv_head:
+            raise ValueError(f"n_head={n_head} must be a multiple of n_kv_head={n_kv_head}")
+        self.n_head, self.n_kv_head, self.d_head = n_head, n_kv_head, d_head
+        self.window = window
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(d_model, n_head * d_head, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_head * d_head, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_head * d_head, bias=bias)
+        self.o_proj = nn.Linear(n_head * d_head, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.d_head).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.d_head).transpose(1, 2)
+        if ctx.cos is not None:
+            q = apply_rope(q, ctx.cos, ctx.sin, ctx.rope_style)
+            k = apply_rope(k, ctx.cos, ctx.sin, ctx.rope_style)
+        q_start = 0
+        if cache is not None:
+            q_start = cache.pos
+            k, v = cache.update(self.layer_idx, k, v)
+        y = attend(q, k, v, q_start=q_start, window=self.window, bias=ctx.bias)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.d_head))
