@@ -124,11 +124,24 @@ def config_from_dict(d: dict[str, Any], source: str = "config.json") -> DecoderC
         raise ConfigError(f"{source}: unknown field '{unknown[0]}' for family {fam}; remove it")
     kwargs = {k: v for k, v in d.items() if k != "family"}
     for f in dataclasses.fields(cls):
-        if f.name in kwargs and f.type in ("int", "float") and not isinstance(kwargs[f.name], (int, float)):
-            raise ConfigError(f"{source}: field '{f.name}' must be a number, got {kwargs[f.name]!r}")
-        if f.name in kwargs and f.type == "int" and isinstance(kwargs[f.name], float):
-            raise ConfigError(f"{source}: field '{f.name}' must be an integer, got {kwargs[f.name]!r}")
+        if f.name in kwargs and not _type_ok(kwargs[f.name], str(f.type)):
+            raise ConfigError(f"{source}: field '{f.name}' must be {f.type}, got {kwargs[f.name]!r}")
     try:
         return cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError, ConfigError) as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    """Check a JSON value against a field annotation such as 'int', 'float | None'.
+    bool is not accepted where a number is expected (JSON true is not 1)."""
+    for part in (p.strip() for p in annotation.split("|")):
+        if part == "None" and value is None:
+            return True
+        kinds = _SCALARS.get(part)
+        if kinds and isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+            return True
+    return False

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import DecoderConfig, Preset, Recipe, register, register_family
+from ..errors import ConfigError
 from ..nn.attention import Attention, AttnContext, KVCache
 from ..nn.mlp import GeluMLP
 from ..nn.norms import LayerNorm
@@ -35,6 +36,8 @@ class GPT3Config(DecoderConfig):
         super().__post_init__()
         if self.d_ff == 0:
             self.d_ff = 4 * self.d_model
+        if self.window is not None and self.window < 1:
+            raise ConfigError(f"config field 'window' is {self.window}; use a positive band width or null")
 
 
 class Block(nn.Module):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import DecoderConfig, Preset, Recipe, register, register_family
+from ..errors import ConfigError
 from ..nn.attention import Attention, AttnContext, KVCache
 from ..nn.mlp import SwiGLU, llama_ffn_dim
 from ..nn.norms import RMSNorm
@@ -38,6 +39,8 @@ class LLaMAConfig(DecoderConfig):
         super().__post_init__()
         if self.d_ff == 0:
             self.d_ff = llama_ffn_dim(self.d_model)
+        if self.rope_style not in ("half", "interleaved"):
+            raise ConfigError(f"config field 'rope_style' is {self.rope_style!r}; use 'half' or 'interleaved'")
 
 
 class Block(nn.Module):

