@@ -45,7 +45,16 @@ class DecoderConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"family": self.family, **dataclasses.asdict(self)}
 
+    # fields whose 0 means "derive from the others" in __post_init__
+    DERIVED: ClassVar[tuple[str, ...]] = ("n_kv_head", "d_head", "d_ff")
+
     def replace(self, **changes: Any) -> "DecoderConfig":
+        """A copy with `changes`; fields that were derived (not set explicitly) are derived
+        again, so replacing n_head also updates d_head and an MHA n_kv_head."""
+        rederived = dataclasses.replace(self, **{f: 0 for f in self.DERIVED})
+        for f in self.DERIVED:
+            if f not in changes and getattr(self, f) == getattr(rederived, f):
+                changes[f] = 0
         return dataclasses.replace(self, **changes)
 
 

@@ -5,7 +5,9 @@ Published: 137B = 64 layers, d_model 8192, d_ff 65536, 128 heads of 128; 32k
 SentencePiece vocabulary. Unpublished, and our explicit choices:
 - norm placement and kind: pre-norm with RMSNorm (T5's bias-free, mean-free LayerNorm)
 - one relative-bias table (32 buckets, max distance 128) shared by all layers, as in T5
-- tied input/output embeddings, embeddings ~ N(0, 1) with logits scaled by 1/√d_model
+- tied input/output embeddings; init N(0, 0.02) with scaled residual projections (GPT-2
+  style), since LaMDA's recipe (optimizer, init) is unpublished and this one trains well
+  under AdamW; T5's N(0, 1) embeddings with 1/√d logits suit Adafactor's relative steps
 - the 2B and 8B shapes (the paper gives only their sizes): labelled estimates
 """
 
@@ -64,7 +66,6 @@ class LaMDA(DecoderLM):
         self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
         self.norm_f = RMSNorm(c.d_model, c.norm_eps)
         init_normal(self, std=0.02, residual_std=0.02 / math.sqrt(2 * c.n_layer))
-        nn.init.normal_(self.tok_emb.weight, std=1.0)
         nn.init.zeros_(self.rel_bias.weight)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,7 @@ class LaMDA(DecoderLM):
         return AttnContext(bias=self.rel_bias(positions, k_pos))  # (1|B, H, T, S)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.tok_emb.weight.t()) * self.config.d_model ** -0.5  # (B, T, V)
+        return x @ self.tok_emb.weight.t()  # tied head, (B, T, V)
 
 
 _SRC = "Thoppilan et al. 2022, Table 27"
