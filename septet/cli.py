@@ -102,18 +102,45 @@ def cmd_generate(args: argparse.Namespace) -> Any:
     lm = load(args.model)
     if lm.tokenizer is None:
         raise ConfigError(f"--model {args.model}: a preset has random weights and no tokenizer; "
-                          "pass a checkpoint directory from `septet train`")
+                          "pass a checkpoint directory from `septet train` or a model like smollm2")
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.json:
         text = lm.generate(args.prompt, **kw)
-        return {"prompt": args.prompt, "text": text, "prompt_ids": lm.token_ids(args.prompt),
-                "ids": lm.token_ids(text) if text else []}
+        return {"model": lm.name, "prompt": args.prompt, "text": text,
+                "prompt_ids": lm.encode(args.prompt), "ids": lm.tokenizer.encode(text) if text else []}
     sys.stdout.write(args.prompt)
     for piece in lm.stream(args.prompt, **kw):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return None
+
+
+def cmd_chat(args: argparse.Namespace) -> Any:
+    from .api import load
+    from .chat import ChatSession, run_repl
+
+    lm = load(args.model)
+    session = ChatSession(lm, system=args.system, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.json:  # one turn per stdin line, one JSON answer per line
+        for line in sys.stdin:
+            if line.strip():
+                print(json.dumps({"user": line.strip(), "assistant": "".join(session.reply(line.strip()))}))
+        return None
+    run_repl(session)
+    return None
+
+
+def cmd_export(args: argparse.Namespace) -> Any:
+    from .api import model_path
+    from .checkpoints.convert import export
+
+    out = export(model_path(args.model), args.to, args.out, dtype=args.dtype)
+    if args.json:
+        return {"model": args.model, "to": args.to, "out": str(out)}
+    print(f"wrote {args.to} model to {out}")
     return None
 
 
@@ -178,14 +205,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a model config field, e.g. --set n_layer=4")
     t.add_argument("--no-progress", action="store_true")
 
-    g = verb("generate", cmd_generate, "sample text from a checkpoint")
-    g.add_argument("--model", required=True, help="checkpoint or run directory")
+    c = verb("chat", cmd_chat, "chat with a model (default: SmolLM2-135M-Instruct)")
+    c.add_argument("--model", default="smollm2", help="asset name, checkpoint, HF/Meta dir or .gguf")
+    c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--seed", type=int, default=None)
+
+    g = verb("generate", cmd_generate, "sample text from a model")
+    g.add_argument("--model", required=True, help="asset name (smollm2), checkpoint or run directory, HF/Meta dir, .gguf")
     g.add_argument("--prompt", default="")
     g.add_argument("--max-new-tokens", type=int, default=100)
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+
+    x = verb("export", cmd_export, "convert a model to an HF directory, a GGUF file or a septet checkpoint")
+    x.add_argument("--model", required=True, help="asset name, checkpoint or run dir, HF/Meta dir, .gguf")
+    x.add_argument("--to", required=True, choices=["hf", "gguf", "septet"])
+    x.add_argument("--out", required=True, help="output directory (hf, septet) or .gguf file")
+    x.add_argument("--dtype", default=None, help="hf/septet: f32, f16, bf16; gguf: f32, f16, q8_0")
 
     f = verb("fetch", cmd_fetch, "download a registry asset into the cache (no NAME: list them)")
     f.add_argument("name", nargs="?", default=None)

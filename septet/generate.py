@@ -40,8 +40,10 @@ def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator | 
 
 @torch.inference_mode()
 def generate_ids(model: DecoderLM, prompt: list[int], s: Sampling,
-                 eos_id: int | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time until max_new_tokens, EOS or the context end."""
+                 eos_id: int | None = None, stop_ids: set[int] | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time until max_new_tokens, a stop id or the context end.
+    The stop id itself is yielded last."""
+    stop = set(stop_ids or ()) | ({eos_id} if eos_id is not None else set())
     context = model.config.context
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token")
@@ -59,6 +61,6 @@ def generate_ids(model: DecoderLM, prompt: list[int], s: Sampling,
         nxt = sample_next(logits, s, generator)  # (1,)
         token = int(nxt)
         yield token
-        if token == eos_id or i == n_new - 1:
+        if token in stop or i == n_new - 1:
             return
         logits = model(nxt[:, None], cache=cache)[:, -1]

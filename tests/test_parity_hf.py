@@ -1,7 +1,8 @@
 """Logit parity with Hugging Face transformers on tiny random models (fp32).
 
 HF's LlamaForCausalLM and GPT2LMHeadModel are independent implementations: copying their
-random weights into septet's LLaMA and GPT-3 (window=None) must give the same logits."""
+random weights into septet's LLaMA and GPT-3 (window=None) must give the same logits.
+The HF -> septet name maps are septet.checkpoints.hf's, the ones load_hf uses."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from septet.checkpoints.hf import hf_gpt2_to_septet, hf_llama_to_septet  # noqa: E402
 from septet.models import GPT3, LLaMA, GPT3Config, LLaMAConfig  # noqa: E402
 
 V = 256
@@ -54,19 +56,7 @@ def _llama_pair(tie: bool, n_kv: int = 2, seed: int = 0):
     ours = LLaMA(LLaMAConfig(vocab_size=V, n_layer=2, d_model=64, n_head=4, n_kv_head=n_kv,
                              d_ff=192, norm_eps=1e-6, rope_theta=10000.0, context=128,
                              rope_style="half", tie_embeddings=tie)).eval()
-    sd = hf.state_dict()
-    state = {"tok_emb.weight": sd["model.embed_tokens.weight"],
-             "norm_f.weight": sd["model.norm.weight"]}
-    if not tie:
-        state["lm_head.weight"] = sd["lm_head.weight"]
-    for i in range(2):
-        p = f"model.layers.{i}."
-        for w in ("q", "k", "v", "o"):
-            state[f"blocks.{i}.attn.{w}_proj.weight"] = sd[p + f"self_attn.{w}_proj.weight"]
-        for w in ("gate", "up", "down"):
-            state[f"blocks.{i}.mlp.{w}_proj.weight"] = sd[p + f"mlp.{w}_proj.weight"]
-        state[f"blocks.{i}.attn_norm.weight"] = sd[p + "input_layernorm.weight"]
-        state[f"blocks.{i}.mlp_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+    state = hf_llama_to_septet(hf.state_dict(), ours.config)  # the loader's own name map
     _load(ours, state)
     return hf, ours
 
@@ -110,28 +100,8 @@ def _gpt2_pair(seed: int = 0):
     assert torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
     ours = GPT3(GPT3Config(vocab_size=V, n_layer=2, d_model=64, n_head=4, context=64,
                            norm_eps=1e-5, window=None)).eval()
-    sd = hf.state_dict()
-    state = {"tok_emb.weight": sd["transformer.wte.weight"],
-             "pos_emb.weight": sd["transformer.wpe.weight"],
-             "norm_f.weight": sd["transformer.ln_f.weight"],
-             "norm_f.bias": sd["transformer.ln_f.bias"]}
-    C = 64
-    for i in range(2):
-        p, o = f"transformer.h.{i}.", f"blocks.{i}."
-        for ln in ("ln_1", "ln_2"):
-            state[o + f"{ln}.weight"] = sd[p + f"{ln}.weight"]
-            state[o + f"{ln}.bias"] = sd[p + f"{ln}.bias"]
-        # Conv1D stores (in, out); nn.Linear stores (out, in). c_attn fuses q, k, v on out.
-        w_qkv, b_qkv = sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"]
-        for j, name in enumerate(("q", "k", "v")):
-            state[o + f"attn.{name}_proj.weight"] = w_qkv[:, j * C:(j + 1) * C].t()
-            state[o + f"attn.{name}_proj.bias"] = b_qkv[j * C:(j + 1) * C]
-        state[o + "attn.o_proj.weight"] = sd[p + "attn.c_proj.weight"].t()
-        state[o + "attn.o_proj.bias"] = sd[p + "attn.c_proj.bias"]
-        state[o + "mlp.fc.weight"] = sd[p + "mlp.c_fc.weight"].t()
-        state[o + "mlp.fc.bias"] = sd[p + "mlp.c_fc.bias"]
-        state[o + "mlp.proj.weight"] = sd[p + "mlp.c_proj.weight"].t()
-        state[o + "mlp.proj.bias"] = sd[p + "mlp.c_proj.bias"]
+    # Conv1D (in, out) weights transposed and the fused c_attn split by the loader's map
+    state = hf_gpt2_to_septet(hf.state_dict(), ours.config)
     _load(ours, state)
     return hf, ours
 
