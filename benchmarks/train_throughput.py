@@ -13,6 +13,10 @@ septet's weights are copied into the reference and both must give the same loss,
 same loss after one AdamW step, and (bf16) the same loss within bf16 rounding —
 otherwise the run stops: a throughput ratio between different computations means nothing.
 
+Modes: fp32-eager, and bf16-compile = bf16 autocast with every transformer block compiled
+(torch.compile, block by block for both implementations, as `septet train --compile`
+does); embedding, head and loss run eagerly in fp32 in both.
+
 Timing: warmup steps are excluded (they include torch.compile's compilation, which is
 reported separately as the wall time of the first step). Timed steps of septet and the
 reference alternate (A B A B ...) so background load on a shared machine hits both alike,
@@ -294,7 +298,10 @@ class Runner:
                 logits = model(x)
             return loss_fn(logits, y)  # the loss in fp32, outside autocast (as septet train)
 
-        self.forward_loss = torch.compile(forward_loss) if compile_ else forward_loss
+        self.forward_loss = forward_loss
+        if compile_:  # block by block, as `septet train --compile` does; identical blocks share a graph
+            for block in (model.blocks if isinstance(model, DecoderLM) else model.h):
+                block.compile()
 
     def step(self, x, y) -> float:
         loss = self.forward_loss(x, y)

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import DecoderConfig
 from ..nn.attention import AttnContext, KVCache
+from ..nn.fused import CrossEntropyZLoss
 from ..nn.moe import MoE
 
 
@@ -79,16 +80,22 @@ class DecoderLM(nn.Module):
         return 0.0
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> LossParts:
-        """Next-token cross-entropy (+ PaLM z-loss, + MoE balance) in fp32."""
+        """Next-token cross-entropy (+ PaLM z-loss, + MoE balance) in fp32.
+        PaLM §5: z_loss = 1e-4 · log²Z keeps the softmax normaliser near 1."""
         flat = logits.float().reshape(-1, logits.shape[-1])  # (B·T, V)
         tgt = targets.reshape(-1)
-        ce = F.cross_entropy(flat, tgt, ignore_index=ignore_index)
         zero = flat.new_zeros(())
         z = zero
-        if self.config.z_loss:
-            # PaLM §5: z_loss = 1e-4 · log²Z keeps the softmax normaliser near 1
-            valid = tgt != ignore_index
-            z = self.config.z_loss * torch.logsumexp(flat[valid], dim=-1).square().mean()
+        if torch.compiler.is_compiling():  # plain form; the compiler fuses it
+            ce = F.cross_entropy(flat, tgt, ignore_index=ignore_index)
+            if self.config.z_loss:
+                valid = tgt != ignore_index
+                lse = torch.logsumexp(flat, dim=-1)
+                z = self.config.z_loss * (lse.square() * valid).sum() / valid.sum()
+        else:  # one log-softmax for both terms, hand-written backward
+            ce, log_z_sq = CrossEntropyZLoss.apply(flat, tgt, ignore_index)
+            if self.config.z_loss:
+                z = self.config.z_loss * log_z_sq
         aux = zero
         coef = self.aux_loss_coef()
         if coef:

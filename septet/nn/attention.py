@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import linear_cat, should_fuse
 from .positions import apply_rope
 
 
@@ -81,17 +82,20 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     w = window
     nb = math.ceil(T / w)
     pad = nb * w - T
-    qb = F.pad(q, (0, 0, 0, pad)).view(B, H, nb, w, D)
+    # (batch·heads, blocks, ...): blocks take SDPA's head axis, so its fused 4-D kernel
+    # runs and one (blocks, w, 2w) mask broadcasts over batch and heads
+    qb = F.pad(q, (0, 0, 0, pad)).reshape(B * H, nb, w, D)
     # one block of zeros in front so block 0 has a (fully masked) predecessor
-    kp = F.pad(k, (0, 0, w, pad)).view(B, H, nb + 1, w, D)
-    vp = F.pad(v, (0, 0, w, pad)).view(B, H, nb + 1, w, D)
-    kb = torch.cat((kp[:, :, :-1], kp[:, :, 1:]), dim=3)  # (B, H, nb, 2w, D)
-    vb = torch.cat((vp[:, :, :-1], vp[:, :, 1:]), dim=3)
+    kp = F.pad(k, (0, 0, w, pad)).reshape(B * H, nb + 1, w, D)
+    vp = F.pad(v, (0, 0, w, pad)).reshape(B * H, nb + 1, w, D)
+    kb = torch.cat((kp[:, :-1], kp[:, 1:]), dim=2)  # (B·H, nb, 2w, D)
+    vb = torch.cat((vp[:, :-1], vp[:, 1:]), dim=2)
     a = torch.arange(w)[:, None]
     c = torch.arange(2 * w)[None, :]
     mask = ((c > a) & (c <= a + w)).expand(nb, w, 2 * w).clone()  # key offset in (−w, 0]
     mask[0, :, :w] = False  # the zero block before the sequence start
-    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.to(q.device))
+    # a 4-D mask: SDPA takes its fused kernel only for those (a 3-D one falls back to math)
+    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[None].to(q.device))
     return y.reshape(B, H, nb * w, D)[:, :, :T]
 
 
@@ -138,15 +142,25 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.d_head).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.d_head).transpose(1, 2)
-        if ctx.cos is not None:
-            q = apply_rope(q, ctx.cos, ctx.sin, ctx.rope_style)
-            k = apply_rope(k, ctx.cos, ctx.sin, ctx.rope_style)
+        H, Hkv, D = self.n_head, self.n_kv_head, self.d_head
+        if should_fuse(x):
+            # training / prefill: q, k, v in one matmul, and q, k rotated in one pass
+            qkv = linear_cat(x, [self.q_proj, self.k_proj, self.v_proj])
+            qkv = qkv.view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2·Hkv, T, D)
+            qk, v = qkv.split((H + Hkv, Hkv), dim=1)
+            if ctx.cos is not None:
+                qk = apply_rope(qk, ctx.cos, ctx.sin, ctx.rope_style)
+            q, k = qk.split((H, Hkv), dim=1)
+        else:
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            if ctx.cos is not None:
+                q = apply_rope(q, ctx.cos, ctx.sin, ctx.rope_style)
+                k = apply_rope(k, ctx.cos, ctx.sin, ctx.rope_style)
         q_start = 0
         if cache is not None:
             q_start = cache.pos
             k, v = cache.update(self.layer_idx, k, v)
         y = attend(q, k, v, q_start=q_start, window=self.window, bias=ctx.bias)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.d_head))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
