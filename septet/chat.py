@@ -38,7 +38,6 @@ class ChatSession:
     def prompt_ids(self) -> list[int]:
         """Render the conversation; drop the oldest exchanges until prompt + answer fit
         the context window (the system prompt and the newest user turn always stay)."""
-        tok = self.lm.tokenizer
         budget = self.lm.model.config.context - self.sampling["max_new_tokens"]
         turns = list(self.turns)
         while True:

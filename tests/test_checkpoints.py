@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 from septet.checkpoints import Loaded  # noqa: E402
 from septet.checkpoints.convert import export, load_any  # noqa: E402
-from septet.checkpoints.hf import load_hf, save_hf  # noqa: E402
+from septet.checkpoints.export_hf import save_hf  # noqa: E402
+from septet.checkpoints.hf import load_hf  # noqa: E402
 from septet.checkpoints.meta import load_meta  # noqa: E402
 from septet.errors import CheckpointError  # noqa: E402
 from septet.models import GPT3, LLaMA, GPT3Config, LLaMAConfig, build  # noqa: E402

@@ -118,7 +118,7 @@ def export(src: str | os.PathLike | Loaded, to: str, out: str | os.PathLike, *,
     tdtype = _torch_dtype(dtype)
     state = cast_state(loaded.state_dict, tdtype)
     if to == "hf":
-        from .hf import save_hf
+        from .export_hf import save_hf
 
         return save_hf(state, loaded.config, out, tokenizer=loaded.tokenizer, chat_template=loaded.chat_template)
     from ..train.checkpoint import save_checkpoint
