@@ -104,6 +104,27 @@ register(
 )
 
 
+register(
+    Asset(
+        name="llama-cpp-vocabs",
+        aliases=("llama-cpp-tokenizer-tests",),
+        requirement="llama-cpp-python==0.3.36",
+        kind="sdist",
+        sha256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+        description="llama.cpp's tokenizer test vocabularies (vocab-only GGUFs with .inp/.out reference "
+                    "tokenizations) and its chat templates (*.jinja), from the llama-cpp-python sdist, ~75 MB",
+        members=(
+            "llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-*",
+            "llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates/*.jinja",
+        ),
+        strip_prefix="llama_cpp_python-0.3.36/vendor/llama.cpp/models/",  # -> ggml-vocab-*, templates/*.jinja
+        expected_files=119,
+        max_file_bytes=64 << 20,
+        max_total_bytes=192 << 20,
+    )
+)
+
+
 def list_assets() -> list[Asset]:
     """Every registered asset once (aliases folded), sorted by name."""
     return sorted({a.name: a for a in _REGISTRY.values()}.values(), key=lambda a: a.name)

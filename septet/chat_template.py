@@ -3,7 +3,8 @@
 Templates come from checkpoint files, so they are untrusted: we render them with jinja2's
 ImmutableSandboxedEnvironment (no attribute access to internals, no mutation of the
 messages), with the same options and helpers HF transformers gives them (trim_blocks,
-lstrip_blocks, `raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII text).
+lstrip_blocks, `raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII text, the
+`{% generation %}` block tag).
 """
 
 from __future__ import annotations
@@ -46,12 +47,30 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def _generation_extension():
+    """`{% generation %}...{% endgeneration %}`: HF transformers' marker around assistant text (it
+    uses it to build assistant-token masks). We only render the body, in its own scope as HF does."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    return GenerationTag
+
+
 @lru_cache(maxsize=1)
 def _env():
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols, _generation_extension()])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
