@@ -1,0 +1,250 @@
+"""Parity with llama.cpp (llama-cpp-python) on the real SmolLM2-135M-Instruct Q4_1 GGUF.
+
+Three checks on the same ~700 teacher-forced positions (English, Polish and German prose,
+Python code, chat turns rendered with the model's own chat template, numbers):
+
+(a) septet's token ids equal llama.cpp's `Llama.tokenize(text, special=True)` exactly, both
+    raw (no BOS) and with each side's own BOS convention (`LoadedModel.encode` vs
+    `add_bos=True`, which llama.cpp honours only when the GGUF says `add_bos_token`);
+(b) top-1 agreement of septet's next-token argmax with llama.cpp's is no lower than
+    transformers' own agreement with llama.cpp on the same positions, minus MARGIN;
+(c) the mean |septet log-prob - llama.cpp log-prob| of llama.cpp's top token is <= 0.1.
+
+Why (b) compares against transformers instead of asserting ~100%: septet and transformers
+dequantize Q4_1 to fp32 and multiply in fp32, while llama.cpp multiplies the 4-bit blocks
+against activations it quantizes to 8 bits (Q8_1) on the fly. Positions whose top-2 logits
+are within that error flip, so ~95% is what an exact fp32 implementation gets; transformers
+is the independent fp32 implementation that calibrates it. See MARGIN below for the slack.
+
+`pytest -s -m slow tests/test_llamacpp_parity.py` prints the numbers. Runs in ~1 minute on
+an idle 2-core CPU (most of it loading transformers' GGUF reader).
+
+llama.cpp is built with `use_extra_bufts=False`: its AMX "extra buffer" kernels execute
+AMX tile instructions whenever the CPU advertises AMX, and under some hypervisors (this
+project's Sapphire Rapids VMs) the guest is not allowed to use them, so the first decode
+dies with SIGILL. The plain CPU kernels are llama.cpp's reference path and Q4_1 has no
+x86 repacked layout anyway, so the numbers are the same ones llama.cpp computes elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+try:  # CI's slow tier installs llama-cpp-python (.ci/run): missing there is a failure, not a skip
+    import llama_cpp
+except ImportError as e:  # pragma: no cover - depends on the machine
+    if os.environ.get("CI"):
+        raise ImportError("llama-cpp-python is not installed but CI's slow tier needs it: "
+                          ".ci/run installs `llama-cpp-python==0.3.36` before `pytest -m slow`") from e
+    pytest.skip("llama-cpp-python is not installed (outside CI); "
+                "`pip install llama-cpp-python==0.3.36 torch==2.13.0` to run the llama.cpp parity tests "
+                "(builds llama.cpp from source: ~15 min on 2 cores)", allow_module_level=True)
+
+from septet.chat_template import render_chat  # noqa: E402
+
+# (b) slack: septet and transformers run the same fp32 math on the same dequantized weights
+# (test_gguf: |Δlogit| <= 1e-3), so they can only disagree with llama.cpp differently at
+# positions whose top-2 gap is below ~1e-3, which are a handful in 700. One percentage point
+# (~7 positions here) covers that; a real defect (a wrong layer, RoPE, norm or tokenization)
+# costs tens of points. The test also prints how often septet and transformers disagree.
+MARGIN = 0.01
+FLOOR = 0.90  # the issue expects ~95%; below 90% something is wrong whatever transformers says
+MAX_MEAN_ABS_LOGPROB = 0.1
+MIN_POSITIONS = 500
+
+ENGLISH = (
+    "The lighthouse keeper had not spoken to another person in eleven weeks. Every morning he "
+    "climbed the hundred and twelve steps to the lamp room, polished the great lens until it "
+    "shone, and wrote the weather in a leather notebook: wind from the north-west, visibility "
+    "poor, a fishing boat passing close to the rocks at dawn. In the evenings he read old "
+    "letters by candlelight and listened to the sea, which never said the same thing twice."
+)
+POLISH = (
+    "Wczoraj wieczorem pojechaliśmy nad jezioro, żeby obejrzeć zachód słońca. Woda była "
+    "spokojna, a nad trzcinami krążyły jaskółki. Babcia opowiadała, jak w młodości pływała "
+    "łódką na drugi brzeg po świeże ryby i chleb z piekarni, która stoi tam do dziś. "
+    "Zanim wróciliśmy do domu, zrobiło się zupełnie ciemno i na niebie pojawiły się gwiazdy."
+)
+GERMAN = (
+    "Der Zug nach München hatte wieder einmal Verspätung, also setzte sich Anna in das kleine "
+    "Café am Bahnhof und bestellte einen Kaffee mit warmer Milch. Draußen regnete es seit dem "
+    "frühen Morgen. Sie öffnete ihr Notizbuch und begann, die Ideen für ihren nächsten Vortrag "
+    "über erneuerbare Energien und die Zukunft der Städte aufzuschreiben."
+)
+PYTHON = '''import json
+from pathlib import Path
+
+
+def load_scores(path: Path) -> dict[str, float]:
+    """Read a JSON file of {name: score} and drop entries below zero."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {name: float(s) for name, s in data.items() if float(s) >= 0}
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def add(self, word: str) -> None:
+        self.counts[word] = self.counts.get(word, 0) + 1
+'''
+CHAT = [
+    {"role": "system", "content": "You are a concise assistant that answers in one or two sentences."},
+    {"role": "user", "content": "Why is the sky blue during the day?"},
+    {"role": "assistant", "content": "Air molecules scatter short blue wavelengths of sunlight much more "
+                                     "than red ones, so blue light reaches your eyes from every direction."},
+    {"role": "user", "content": "And why is it red at sunset?"},
+    {"role": "assistant", "content": "At sunset light crosses far more air, so most blue is scattered "
+                                     "away before it arrives and the remaining reds and oranges dominate."},
+]
+NUMBERS = (
+    "Invoice 2024-0317: 3 items at 19.99 each, 12 items at 4.50, and 1 item at 249.00. "
+    "Subtotal 363.97, tax 23% = 83.71, total 447.68. Due date: 2024-04-15. "
+    "Sequence: 1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144. Pi is about 3.14159265, e is 2.71828."
+)
+# extra strings for (a) only: whitespace, emoji, CJK, accents, special tokens mid-text
+TOKENIZER_ONLY = [
+    "Emoji 😀👍🏽 and CJK 漢字かな, accents: naïve café",
+    "  leading spaces,\ttabs\r\nCRLF and trailing   ",
+    "<|im_start|>user\nHi!<|im_end|>\n<|endoftext|>after",
+    "Zażółć gęślą jaźń. Pchnąć w tę łódź jeża lub ośm skrzyń fig!",
+    "x**2 + 1_000_000 == 0x1F; ||| ~~~ \n\n\n",
+]
+
+
+def _llama(path: str, **kw):
+    """A llama_cpp.Llama with the plain CPU kernels (see the module docstring)."""
+    orig = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = orig()
+        if hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=path, verbose=False, **kw)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = orig
+
+
+def _hf_model(path):
+    """transformers loading the same GGUF in fp32, without `accelerate` (as tests/test_gguf.py)."""
+    transformers = pytest.importorskip("transformers")
+    d, n = str(path.parent), path.name
+    try:
+        import accelerate  # noqa: F401
+
+        return transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=n, dtype=torch.float32).eval()
+    except ImportError:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        cfg = transformers.AutoConfig.from_pretrained(d, gguf_file=n)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}
+        model.tie_weights()
+        return model
+
+
+@pytest.fixture(scope="module")
+def smol_path(septet_home):
+    from septet import assets
+
+    return assets.asset_file("smollm2", progress=False, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def lm(smol_path):
+    import septet
+
+    return septet.load(str(smol_path), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def texts(lm) -> dict[str, str]:
+    return {"english": ENGLISH, "polish": POLISH, "german": GERMAN, "python": PYTHON,
+            "chat": render_chat(lm.chat_template, CHAT, add_generation_prompt=False, name="smollm2"),
+            "numbers": NUMBERS}
+
+
+@pytest.fixture(scope="module")
+def llm(smol_path):
+    return _llama(str(smol_path), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=2,
+                  n_threads_batch=2, logits_all=True)
+
+
+@pytest.fixture(scope="module")
+def logits(lm, llm, smol_path, texts):
+    """name -> (ids, septet log-probs, llama.cpp log-probs, transformers log-probs), fp64 (T, V)."""
+    hf = _hf_model(smol_path)
+    out = {}
+    for name, text in texts.items():
+        ids = lm.encode(text)
+        assert len(ids) < llm.n_ctx()
+        llm.reset()
+        llm.eval(ids)
+        theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float64))
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            ours = lm.model(x)[0].double()
+            ref = hf(x).logits[0].double()
+        out[name] = (ids, ours.log_softmax(-1), theirs.log_softmax(-1), ref.log_softmax(-1))
+    n = sum(len(v[0]) for v in out.values())
+    assert n >= MIN_POSITIONS, f"only {n} positions; lengthen the texts"
+    return out
+
+
+def test_tokenizer_ids_match_llamacpp(lm, llm, texts):
+    meta = llm.metadata.get("tokenizer.ggml.add_bos_token")
+    if meta is not None:  # both read the same GGUF flag
+        assert lm.add_bos == (str(meta).lower() == "true"), meta
+    n = 0
+    for text in [*texts.values(), *TOKENIZER_ONLY]:
+        b = text.encode("utf-8")
+        raw = llm.tokenize(b, add_bos=False, special=True)
+        assert lm.tokenizer.encode(text) == raw, text[:60]
+        # each side's own BOS convention: LoadedModel.encode vs llama.cpp's add_special
+        assert lm.encode(text) == llm.tokenize(b, add_bos=True, special=True), text[:60]
+        n += len(raw)
+    print(f"\n(a) tokenizer: {len(texts) + len(TOKENIZER_ONLY)} texts, {n} ids, all equal to llama.cpp's "
+          f"(add_bos={lm.add_bos})")
+
+
+def test_top1_agreement_with_llamacpp(logits):
+    agree_s = agree_hf = agree_s_hf = n = 0
+    rows = []
+    for name, (ids, ours, theirs, ref) in logits.items():
+        top = theirs.argmax(-1)
+        a_s = (ours.argmax(-1) == top).sum().item()
+        a_hf = (ref.argmax(-1) == top).sum().item()
+        agree_s_hf += (ours.argmax(-1) == ref.argmax(-1)).sum().item()
+        agree_s, agree_hf, n = agree_s + a_s, agree_hf + a_hf, n + len(ids)
+        rows.append(f"    {name:8s} {len(ids):4d} positions  septet {a_s / len(ids):.3f}  transformers {a_hf / len(ids):.3f}")
+    s, h = agree_s / n, agree_hf / n
+    print("\n(b) top-1 agreement with llama.cpp over", n, "teacher-forced positions:\n" + "\n".join(rows))
+    print(f"    total    septet {s:.4f}  transformers {h:.4f}  (margin {MARGIN}); "
+          f"septet vs transformers {agree_s_hf / n:.4f}")
+    assert s >= h - MARGIN, (s, h)
+    assert s >= FLOOR, s
+
+
+def test_top_token_logprob_matches_llamacpp(logits):
+    diffs, diffs_hf = [], []
+    for ids, ours, theirs, ref in logits.values():
+        top = theirs.argmax(-1, keepdim=True)
+        diffs.append((ours.gather(-1, top) - theirs.gather(-1, top)).abs().flatten())
+        diffs_hf.append((ref.gather(-1, top) - theirs.gather(-1, top)).abs().flatten())
+    d, dh = torch.cat(diffs), torch.cat(diffs_hf)
+    print(f"\n(c) |log p(llama.cpp top token)| septet - llama.cpp: mean {d.mean():.4f}, "
+          f"p95 {d.quantile(0.95):.4f}, max {d.max():.4f} over {d.numel()} positions "
+          f"(transformers: mean {dh.mean():.4f})")
+    assert d.mean().item() <= MAX_MEAN_ABS_LOGPROB
