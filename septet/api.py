@@ -11,7 +11,7 @@ import torch
 from . import assets
 from .config import get_preset, presets
 from .errors import CheckpointError, ConfigError, SeptetError
-from .generate import Sampling, generate_ids
+from .generate import Sampling, generate_batch, generate_ids, optimize_for_inference, stream_text
 from .models import build
 from .models.base import DecoderLM
 from .tokenizer import Tokenizer
@@ -70,32 +70,49 @@ class LoadedModel:
         return ids
 
     def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.8,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> str:
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 **more) -> str:
+        """The completion of `prompt`. More keywords: min_p, repetition_penalty, stop
+        (strings that end the text, not included), compile."""
         return "".join(self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, seed=seed))
+                                   top_k=top_k, top_p=top_p, seed=seed, **more))
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
+        return self.stream_ids(self._prompt_ids(prompt), **sampling)
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
         tok = self._need_tokenizer()
         ids = self.encode(prompt) if prompt else []
         if not ids:  # an empty prompt starts a document, as in training
             ids = [self.bos_id if self.bos_id is not None else tok.eot_id]
-        return self.stream_ids(ids, **sampling)
+        return ids
 
-    def stream_ids(self, ids: list[int], **sampling) -> Iterator[str]:
-        """Yield text pieces as tokens arrive; a piece is emitted once it decodes to whole
-        characters, so a multi-byte UTF-8 character is never split."""
+    def _stop_ids(self) -> set[int]:
         tok = self._need_tokenizer()
-        stop = set(self.eos_ids) | ({tok.eot_id} if tok.eot_token else set())
-        out: list[int] = []
-        emitted = ""
-        for t in generate_ids(self.model, ids, Sampling(**sampling), eos_id=None, stop_ids=stop):
-            if t in stop:
-                break
-            out.append(t)
-            text = tok.decode(out, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):
-                yield text[len(emitted):]
-                emitted = text
+        return set(self.eos_ids) | ({tok.eot_id} if tok.eot_token else set())
+
+    def stream_ids(self, ids: list[int], *, stop: str | list[str] | tuple[str, ...] = (),
+                   **sampling) -> Iterator[str]:
+        """Yield text pieces as tokens arrive; a piece is emitted once it decodes to whole
+        characters, so a multi-byte UTF-8 character is never split. `stop` strings end the
+        text as soon as it contains one (the stop string is not emitted)."""
+        tok = self._need_tokenizer()
+        stop_ids = self._stop_ids()
+        optimize_for_inference(self.model)
+        stops = (stop,) if isinstance(stop, str) else tuple(stop)
+        ids_iter = generate_ids(self.model, ids, Sampling(**sampling), eos_id=None, stop_ids=stop_ids)
+        return stream_text(tok, ids_iter, stop_ids, stops)
+
+    def generate_batch(self, prompts: list[str], *, stop: str | list[str] | tuple[str, ...] = (),
+                       **sampling) -> list[str]:
+        """Completions of several prompts, run as one left-padded batch."""
+        tok = self._need_tokenizer()
+        stop_ids = self._stop_ids()
+        optimize_for_inference(self.model)
+        stops = (stop,) if isinstance(stop, str) else tuple(stop)
+        rows = generate_batch(self.model, [self._prompt_ids(p) for p in prompts], Sampling(**sampling),
+                              stop_ids=stop_ids)
+        return ["".join(stream_text(tok, r, stop_ids, stops)) for r in rows]
 
 
 def _resolve_name(name: str) -> Path | None:
@@ -126,16 +143,34 @@ def model_path(name_or_path: str | Path) -> Path:
     return resolve_checkpoint(p)
 
 
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16}
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def load(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32) -> LoadedModel:
+         dtype: torch.dtype | str = torch.float32, quant: str | None = None,
+         group_size: int = 32) -> LoadedModel:
     """Load a model: a registry asset name (e.g. "smollm2"), a septet checkpoint or run
-    directory, an HF or Meta directory, a .gguf file — or a preset name (random weights)."""
+    directory, an HF or Meta directory, a .gguf file — or a preset name (random weights).
+
+    `quant` "int8" / "int4" replaces the linear layers (and a tied head) by weight-only
+    quantised ones (septet.quant; int4 groups of `group_size` inputs); the model is then
+    inference-only."""
     from .checkpoints.convert import load_any
 
+    dtype = _dtype(dtype)
     text = str(name_or_path)
     if not Path(text).exists() and _resolve_name(text) is None and text in presets():
         model = build(get_preset(text).config).to(device=device, dtype=dtype).eval()
-        return LoadedModel(model, None, None, name=text)
+        return _quantized(LoadedModel(model, None, None, name=text), quant, group_size)
     p = model_path(text)
     loaded = load_any(p, dtype=dtype)
     with torch.device("meta"):
@@ -146,6 +181,15 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device
         first = str(e).strip().splitlines()[0] if str(e).strip() else "mismatch"
         raise CheckpointError(f"{loaded.source}: weights do not match the config ({first})") from None
     model = model.to(device=device, dtype=dtype).eval()
-    return LoadedModel(model, loaded.tokenizer, Path(loaded.source), name=p.name,
-                       chat_template=loaded.chat_template, bos_id=loaded.bos_id,
-                       eos_ids=tuple(loaded.eos_ids), add_bos=loaded.add_bos)
+    lm = LoadedModel(model, loaded.tokenizer, Path(loaded.source), name=p.name,
+                     chat_template=loaded.chat_template, bos_id=loaded.bos_id,
+                     eos_ids=tuple(loaded.eos_ids), add_bos=loaded.add_bos)
+    return _quantized(lm, quant, group_size)
+
+
+def _quantized(lm: LoadedModel, quant: str | None, group_size: int) -> LoadedModel:
+    if quant:
+        from .quant import quantize_model
+
+        quantize_model(lm.model, quant, group_size=group_size)
+    return lm

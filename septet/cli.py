@@ -99,12 +99,13 @@ def cmd_train(args: argparse.Namespace) -> Any:
 def cmd_generate(args: argparse.Namespace) -> Any:
     from .api import load
 
-    lm = load(args.model)
+    lm = load(args.model, quant=args.quant, dtype=args.dtype)
     if lm.tokenizer is None:
         raise ConfigError(f"--model {args.model}: a preset has random weights and no tokenizer; "
                           "pass a checkpoint directory from `septet train` or a model like smollm2")
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+              top_k=args.top_k, top_p=args.top_p, seed=args.seed, min_p=args.min_p,
+              repetition_penalty=args.repetition_penalty, compile=args.compile, stop=args.stop)
     if args.json:
         text = lm.generate(args.prompt, **kw)
         return {"model": lm.name, "prompt": args.prompt, "text": text,
@@ -121,9 +122,11 @@ def cmd_chat(args: argparse.Namespace) -> Any:
     from .api import load
     from .chat import ChatSession, run_repl
 
-    lm = load(args.model)
+    lm = load(args.model, quant=args.quant, dtype=args.dtype)
     session = ChatSession(lm, system=args.system, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.compile:
+        session.sampling["compile"] = True
     if args.json:  # one turn per stdin line, one JSON answer per line
         for line in sys.stdin:
             if line.strip():
@@ -162,6 +165,14 @@ def cmd_fetch(args: argparse.Namespace) -> Any:
         return {"name": args.name, "path": str(path)}
     print(path)
     return None
+
+
+def _inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant", choices=["int8", "int4"], default=None,
+                   help="weight-only quantised linear layers (CPU kernels)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (slow first call, faster tokens)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, default=0.7)
     c.add_argument("--top-p", type=float, default=0.9)
     c.add_argument("--seed", type=int, default=None)
+    _inference_flags(c)
 
     g = verb("generate", cmd_generate, "sample text from a model")
     g.add_argument("--model", required=True, help="asset name (smollm2), checkpoint or run directory, HF/Meta dir, .gguf")
@@ -221,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p >= MIN_P x the top p")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty for seen tokens (1: off)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the text where it first contains TEXT (repeatable)")
+    _inference_flags(g)
 
     x = verb("export", cmd_export, "convert a model to an HF directory, a GGUF file or a septet checkpoint")
     x.add_argument("--model", required=True, help="asset name, checkpoint or run dir, HF/Meta dir, .gguf")

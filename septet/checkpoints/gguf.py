@@ -117,6 +117,29 @@ class _Cursor:
         except UnicodeDecodeError:
             raise _Bad(f"{what} at offset {self.pos - n} is not valid UTF-8") from None
 
+    def strings(self, count: int, what: str) -> list[str]:
+        """`count` strings in a row (a vocabulary): one tight loop, messages only on error."""
+        buf, size, pos = self.buf, self.size, self.pos
+        unpack = struct.Struct("<Q").unpack_from
+        out = []
+        append = out.append
+        for i in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"length of {what}[{i}]")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if pos + n > size:
+                self.pos = pos
+                self.need(n, f"{what}[{i}]")
+            try:
+                append(str(buf[pos:pos + n], "utf-8"))
+            except UnicodeDecodeError:
+                raise _Bad(f"{what}[{i}] at offset {pos} is not valid UTF-8") from None
+            pos += n
+        self.pos = pos
+        return out
+
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in _SCALAR:
             code, n = _SCALAR[vtype]
@@ -140,6 +163,10 @@ class _Cursor:
                 out = arr.tolist()
                 del arr
                 return [bool(x) for x in out] if etype == 7 else out
+            if etype == 8:
+                if count > left // 8:
+                    raise _Bad(f"{what} claims {count} elements, more than the {left} bytes left can hold")
+                return self.strings(count, what)
             if etype in (8, 9):
                 min_size = 8 if etype == 8 else 12
                 if count > left // min_size:
@@ -260,6 +287,44 @@ def _parse(path: Path, mm: Any, size: int) -> GGUFInfo:
 # ------------------------------------------------------------------------------ tensors
 
 
+def _halves(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The little-endian fp16 at byte `at` of every block, as fp32 (nb, 1)."""
+    return blocks[:, at:at + 2].copy().view("<f2").astype(np.float32)
+
+
+# numpy, whole tensor at once (measured: ~20x faster than torch's uint8 ops on this CPU and
+# ~3x the gguf package, which loops over row groups in Python)
+def _dequant_q4_1(b: np.ndarray) -> np.ndarray:
+    # block of 32: fp16 d, fp16 m, 16 bytes; value j = (lo nibble j)·d + m, j+16 = (hi nibble j)·d + m
+    blocks = b.reshape(-1, 20)
+    qs = blocks[:, 4:]
+    q = np.concatenate((qs & 15, qs >> 4), axis=1).astype(np.float32)
+    q *= _halves(blocks, 0)
+    q += _halves(blocks, 2)
+    return q.reshape(-1)
+
+
+def _dequant_q4_0(b: np.ndarray) -> np.ndarray:
+    # block of 32: fp16 d, 16 bytes; value = (nibble − 8)·d, low nibbles first
+    blocks = b.reshape(-1, 18)
+    qs = blocks[:, 2:]
+    q = np.concatenate((qs & 15, qs >> 4), axis=1).astype(np.float32)
+    q -= 8
+    q *= _halves(blocks, 0)
+    return q.reshape(-1)
+
+
+def _dequant_q8_0(b: np.ndarray) -> np.ndarray:
+    # block of 32: fp16 d, 32 int8; value = q·d
+    blocks = b.reshape(-1, 34)
+    q = blocks[:, 2:].copy().view(np.int8).astype(np.float32)
+    q *= _halves(blocks, 0)
+    return q.reshape(-1)
+
+
+_FAST_QUANTS = {"Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1, "Q8_0": _dequant_q8_0}
+
+
 def dequantize(raw: bytes | np.ndarray, t: TensorInfo, dtype: torch.dtype = torch.float32,
                *, source: str | Path = "") -> torch.Tensor:
     """Raw bytes of tensor `t` -> a torch tensor of `t.shape` in `dtype`."""
@@ -271,6 +336,8 @@ def dequantize(raw: bytes | np.ndarray, t: TensorInfo, dtype: torch.dtype = torc
         out = torch.from_numpy(arr.copy())
     elif t.type_name == "BF16":
         out = torch.from_numpy(buf.view("<i2").copy()).view(torch.bfloat16)
+    elif t.type_name in _FAST_QUANTS:  # vectorised over the whole tensor
+        out = torch.from_numpy(_FAST_QUANTS[t.type_name](buf))
     elif t.type_name in _QUANTS:
         from gguf import quants
         from gguf.constants import GGMLQuantizationType

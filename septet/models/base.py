@@ -50,7 +50,10 @@ class DecoderLM(nn.Module):
 
     # --- shared -------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """`pad_mask` (B, cache.pos + T) bool marks real keys (left-padded batches);
+        `last_only` computes the logits of the last position only (B, 1, V)."""
         B, T = tokens.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.context and positions is None:
@@ -60,11 +63,19 @@ class DecoderLM(nn.Module):
             positions = torch.arange(start, start + T, device=tokens.device)  # (T,)
         x = self.embed(tokens, positions)  # (B, T, C)
         ctx = self.attn_context(positions, start + T)
+        if pad_mask is not None:
+            ctx = ctx._replace(pad_mask=pad_mask)
         for block in self.blocks:
             x = block(x, ctx, cache)
         if cache is not None:
             cache.advance(T)
-        return self.logits(self.norm_f(x))  # (B, T, V)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm_f(x)
+        head = self._modules.get("quant_head")
+        if head is not None:  # a quantised copy of a tied head (septet.quant)
+            return head(x)
+        return self.logits(x)  # (B, T, V)
 
     def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:

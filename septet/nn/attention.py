@@ -26,6 +26,8 @@ class AttnContext(NamedTuple):
     sin: torch.Tensor | None = None
     bias: torch.Tensor | None = None  # (1, H, T, S) additive logits bias, S = keys incl. cache
     rope_style: str = "half"
+    # (B, S) bool, True = a real key, False = padding (left-padded batched generation)
+    pad_mask: torch.Tensor | None = None
 
 
 class KVCache:
@@ -100,16 +102,30 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int = 0,
-           window: int | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+           window: int | None = None, bias: torch.Tensor | None = None,
+           pad_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q (B, H, T, D) over k, v (B, H_kv, S, D), S = q_start + T.
 
     Picks the cheapest exact path: SDPA's causal kernel when no explicit mask is needed,
     the blocked banded kernel for long windowed prefills, an explicit mask otherwise.
+    `pad_mask` (B, S) bool hides padding keys (False) from every query of its row; a query
+    always sees its own slot, so a padding query's (unused) row is never all -inf.
     """
     H, Hkv = q.shape[1], k.shape[1]
     T, S = q.shape[2], k.shape[2]
     gqa = H != Hkv
     window_matters = window is not None and S > window
+    if pad_mask is not None:
+        if T == 1 and not window_matters:  # decoding: the causal part is all True
+            mask = pad_mask[:, None, None, :]
+        else:
+            mask = band_mask(T, S, q_start, window).to(q.device)
+            diag = torch.arange(S, device=q.device)[None, :] == \
+                torch.arange(q_start, q_start + T, device=q.device)[:, None]
+            mask = (mask & pad_mask[:, None, None, :]) | diag  # (B, 1, T, S)
+        if bias is not None:
+            mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if bias is None and not window_matters:
         if q_start == 0:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -139,11 +155,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_head * d_head, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_head * d_head, bias=bias)
         self.o_proj = nn.Linear(n_head * d_head, d_model, bias=bias)
+        # set by septet.generate.optimize_for_inference: q, k, v packed into one layer
+        self.qkv_proj: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.d_head
-        if should_fuse(x):
+        if self.qkv_proj is not None:  # inference: packed once, one matmul at any length
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)
+            qk, v = qkv.split((H + Hkv, Hkv), dim=1)
+            if ctx.cos is not None:
+                qk = apply_rope(qk, ctx.cos, ctx.sin, ctx.rope_style)
+            q, k = qk.split((H, Hkv), dim=1)
+        elif should_fuse(x):
             # training / prefill: q, k, v in one matmul, and q, k rotated in one pass
             qkv = linear_cat(x, [self.q_proj, self.k_proj, self.v_proj])
             qkv = qkv.view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2·Hkv, T, D)
@@ -162,5 +186,6 @@ class Attention(nn.Module):
         if cache is not None:
             q_start = cache.pos
             k, v = cache.update(self.layer_idx, k, v)
-        y = attend(q, k, v, q_start=q_start, window=self.window, bias=ctx.bias)  # (B, H, T, D)
+        y = attend(q, k, v, q_start=q_start, window=self.window, bias=ctx.bias,
+                   pad_mask=ctx.pad_mask)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))

@@ -43,8 +43,13 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+        # set by septet.generate.optimize_for_inference: gate and up packed into one layer
+        self.gate_up_proj: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(type(self).act(gate) * up)
         return self.down_proj(type(self).act(self.gate_proj(x)) * self.up_proj(x))
 
 

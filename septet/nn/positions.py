@@ -41,12 +41,19 @@ class RoPE(nn.Module):
         if style not in ("half", "interleaved"):
             raise ValueError(f"RoPE style must be 'half' or 'interleaved', got {style!r}")
         self.style, self.d_head, self.theta = style, d_head, theta
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
-        # computed per call, not stored: D/2 numbers, and a model built on the meta device
-        # then loaded from a checkpoint needs no buffer restored
+        # not a buffer: D/2 numbers, and a model built on the meta device then loaded from
+        # a checkpoint needs none restored; memoised per device (decoding calls it per token)
+        cached = self._inv_freq.get(device)
+        if cached is not None:
+            return cached
         exponent = torch.arange(0, self.d_head, 2, dtype=torch.float64, device=device) / self.d_head
-        return (1.0 / self.theta ** exponent).float()
+        out = (1.0 / self.theta ** exponent).float()
+        if device.type != "meta" and not torch.compiler.is_compiling():
+            self._inv_freq[device] = out
+        return out
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Angles for `positions` (T,) or (B, T): each (…, T, D/2), fp32."""
