@@ -95,31 +95,13 @@ def best_time(fn, reps: int) -> tuple[float, list[float]]:
 
 
 def septet_settings() -> list[dict]:
-    """What septet can run at the moment, found by feature rather than by version."""
-    import inspect
-
-    import septet
-    import septet.generate as gen
-
+    """Septet's weight settings: fp32 / bf16 activations x none / int8 / int4 weights, each
+    also with the compiled decode step (`Sampling(compile=True)`)."""
     out = [{"name": "fp32", "dtype": "float32"}, {"name": "bf16", "dtype": "bfloat16"}]
-    import importlib.util
-
-    load_params = dict(inspect.signature(inspect.unwrap(septet.load)).parameters)
-    if "quant" not in load_params and importlib.util.find_spec("septet.quant") and any(
-            p.kind is p.VAR_KEYWORD for p in load_params.values()):
-        load_params["quant"] = None  # a wrapped load(**kwargs) next to septet.quant: probe it
-    for key in ("quantize", "quant", "quantization", "weights", "weight_dtype"):
-        if key in load_params:
-            for q in ("int8", "int4"):
-                out.append({"name": f"{q}", "dtype": "float32", "load": {key: q}, "probe": True})
-                out.append({"name": f"bf16+{q}", "dtype": "bfloat16", "load": {key: q}, "probe": True})
-            break
-    if "compile" in load_params:
-        out += [{"name": f"{s['name']}+compile", **{k: v for k, v in s.items() if k != "name"},
-                 "load": {**s.get("load", {}), "compile": True}, "probe": True} for s in list(out)]
-    elif "compile" in {f.name for f in getattr(gen.Sampling, "__dataclass_fields__", {}).values()}:
-        out += [{**s, "name": f"{s['name']}+compile", "sampling": {"compile": True}, "probe": True}
-                for s in list(out)]
+    for q in ("int8", "int4"):
+        out.append({"name": q, "dtype": "float32", "load": {"quant": q}})
+        out.append({"name": f"bf16+{q}", "dtype": "bfloat16", "load": {"quant": q}})
+    out += [{**s, "name": f"{s['name']}+compile", "sampling": {"compile": True}} for s in list(out)]
     return out
 
 
@@ -552,9 +534,6 @@ def main() -> None:
             if res is not None:
                 res["note"] = "default llama.cpp (extra buffer types, AMX) died with SIGILL on this machine"
         if res is None:
-            if spec.get("probe"):
-                log(f"  {label}: not available ({why})")
-                continue
             res = {"engine": name, "setting": spec.get("name", ""), "error": why}
         log(f"  done in {time.perf_counter() - t:.0f} s")
         report["results"].append(res)
