@@ -4,7 +4,6 @@ parity with transformers' own GGUF loader)."""
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -362,23 +361,9 @@ def hf_tokenizer(smol_path):
 
 @pytest.fixture(scope="module")
 def hf_model(smol_path):
-    transformers = pytest.importorskip("transformers")
-    d, n = str(smol_path.parent), smol_path.name
-    try:
-        import accelerate  # noqa: F401  (from_pretrained(gguf_file=...) requires it)
+    from hf_reference import hf_model_from_gguf
 
-        return transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=n, dtype=torch.float32).eval()
-    except ImportError:
-        # same weights through transformers' loader pieces, without accelerate
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        cfg = transformers.AutoConfig.from_pretrained(d, gguf_file=n)
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-        tensors = load_gguf_checkpoint(str(smol_path), return_tensors=True, model_to_load=model)["tensors"]
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        assert not unexpected and set(missing) <= {"lm_head.weight"}
-        model.tie_weights()
-        return model
+    return hf_model_from_gguf(smol_path)
 
 
 @pytest.mark.slow

@@ -136,23 +136,9 @@ def _llama(path: str, **kw):
 
 
 def _hf_model(path):
-    """transformers loading the same GGUF in fp32, without `accelerate` (as tests/test_gguf.py)."""
-    transformers = pytest.importorskip("transformers")
-    d, n = str(path.parent), path.name
-    try:
-        import accelerate  # noqa: F401
+    from hf_reference import hf_model_from_gguf
 
-        return transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=n, dtype=torch.float32).eval()
-    except ImportError:
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        cfg = transformers.AutoConfig.from_pretrained(d, gguf_file=n)
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        assert not unexpected and set(missing) <= {"lm_head.weight"}
-        model.tie_weights()
-        return model
+    return hf_model_from_gguf(path)
 
 
 @pytest.fixture(scope="module")

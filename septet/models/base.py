@@ -38,12 +38,16 @@ class DecoderLM(nn.Module):
     blocks: nn.ModuleList
     norm_f: nn.Module
 
-    # --- family hooks -------------------------------------------------------------
+    # --- family hooks (defaults: a token table, rotary angles when the model has `rope`)
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.tok_emb(tokens)  # (B, T, C)
 
     def attn_context(self, positions: torch.Tensor, n_keys: int) -> AttnContext:
-        return AttnContext()
+        rope = getattr(self, "rope", None)
+        if rope is None:
+            return AttnContext()
+        cos, sin = rope.cos_sin(positions)
+        return AttnContext(cos=cos, sin=sin, rope_style=rope.style)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -69,13 +69,6 @@ class GPT4(DecoderLM):
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         init_normal(self, std=0.02, residual_std=0.02 / math.sqrt(2 * c.n_layer))
 
-    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.tok_emb(tokens)  # (B, T, C)
-
-    def attn_context(self, positions: torch.Tensor, n_keys: int) -> AttnContext:
-        cos, sin = self.rope.cos_sin(positions)
-        return AttnContext(cos=cos, sin=sin, rope_style="half")
-
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(x)  # (B, T, V)
 

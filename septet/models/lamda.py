@@ -68,9 +68,6 @@ class LaMDA(DecoderLM):
         init_normal(self, std=0.02, residual_std=0.02 / math.sqrt(2 * c.n_layer))
         nn.init.zeros_(self.rel_bias.weight)
 
-    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.tok_emb(tokens)  # (B, T, C)
-
     def attn_context(self, positions: torch.Tensor, n_keys: int) -> AttnContext:
         k_pos = torch.arange(n_keys, device=positions.device)
         return AttnContext(bias=self.rel_bias(positions, k_pos))  # (1|B, H, T, S)

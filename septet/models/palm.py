@@ -67,13 +67,6 @@ class PaLM(DecoderLM):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=m.in_features ** -0.5)
 
-    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.tok_emb(tokens)  # (B, T, C)
-
-    def attn_context(self, positions: torch.Tensor, n_keys: int) -> AttnContext:
-        cos, sin = self.rope.cos_sin(positions)
-        return AttnContext(cos=cos, sin=sin, rope_style="half")
-
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return (x @ self.tok_emb.weight.t()) * self.config.d_model ** -0.5  # (B, T, V)
 
