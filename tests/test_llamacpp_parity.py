@@ -259,8 +259,7 @@ def _llamacpp_greedy(llm, ids: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("gguf_dtype", ["f32", "f16", "q8_0"])
 def test_llamacpp_runs_a_septet_exported_gguf(tmp_path, smol_path, gguf_dtype):
     """`septet export --to gguf` writes a file llama.cpp loads and decodes greedily to the
-    same tokens as septet does from that same file (ids are fed directly, so this checks
-    the weights, layouts and hyper-parameters, not the pre-tokenizer)."""
+    same tokens as septet does from that same file, and tokenizes text the same way."""
     import septet
     from septet.checkpoints.convert import export
     from septet.generate import Sampling, generate_ids
@@ -272,6 +271,8 @@ def test_llamacpp_runs_a_septet_exported_gguf(tmp_path, smol_path, gguf_dtype):
         ids = mine.encode(prompt)
         ours = list(generate_ids(mine.model, ids, Sampling(max_new_tokens=n, temperature=0)))
         llm = _llama(str(out), n_ctx=256, n_threads=2, logits_all=False)
+        # the export keeps the source's pre-tokenizer, so llama.cpp splits text the same way
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == mine.tokenizer.encode(prompt)
         theirs = _llamacpp_greedy(llm, ids, n)
         del llm
         # q8_0: llama.cpp also quantizes activations to 8 bits, so a late near-tie may flip

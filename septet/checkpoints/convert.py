@@ -114,7 +114,8 @@ def export(src: str | os.PathLike | Loaded, to: str, out: str | os.PathLike, *,
             raise CheckpointError(f"GGUF export dtype {gdtype!r} is not supported; use one of {', '.join(DTYPES)}")
         return save_gguf(loaded.state_dict, loaded.config, out, tokenizer=loaded.tokenizer,
                          chat_template=loaded.chat_template, dtype=gdtype, bos_id=loaded.bos_id,
-                         eos_id=loaded.eos_ids[0] if loaded.eos_ids else None, add_bos=loaded.add_bos)
+                         eos_id=loaded.eos_ids[0] if loaded.eos_ids else None, add_bos=loaded.add_bos,
+                         pre=str(loaded.metadata.get("tokenizer.ggml.pre", "default")))
     tdtype = _torch_dtype(dtype)
     state = cast_state(loaded.state_dict, tdtype)
     if to == "hf":

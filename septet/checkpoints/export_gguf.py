@@ -91,8 +91,9 @@ def _encode_tensor(name: str, t: torch.Tensor, dtype: str):
 def save_gguf(model_or_state: nn.Module | dict[str, torch.Tensor], config: DecoderConfig | dict,
               path: str | os.PathLike, *, tokenizer: Tokenizer | None = None, chat_template: str | None = None,
               dtype: str = "f32", bos_id: int | None = None, eos_id: int | None = None,
-              add_bos: bool = False, name: str = "septet") -> Path:
-    """Write a llama-architecture GGUF file atomically (temp file next to `path`, then rename)."""
+              add_bos: bool = False, name: str = "septet", pre: str = "default") -> Path:
+    """Write a llama-architecture GGUF file atomically (temp file next to `path`, then rename).
+    `pre` names llama.cpp's pre-tokenizer; a model loaded from a GGUF keeps its own."""
     import gguf
 
     path = Path(path)
@@ -134,7 +135,7 @@ def save_gguf(model_or_state: nn.Module | dict[str, torch.Tensor], config: Decod
         w.add_vocab_size(c.vocab_size)
         if tokenizer is not None:
             w.add_tokenizer_model("gpt2")
-            w.add_tokenizer_pre("default")
+            w.add_tokenizer_pre(pre)
             w.add_token_list(tokens)
             w.add_token_types(types)
             w.add_token_merges(merges)

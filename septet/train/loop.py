@@ -121,7 +121,7 @@ class Trainer:
         else:
             self.config = get_preset(tc.model).config.replace(**tc.overrides) if tc.overrides \
                 else get_preset(tc.model).config
-        self.recipe = get_preset(tc.model).recipe if self.ckpt is None or tc.model else None
+        self.recipe = get_preset(tc.model).recipe
         docs = load_documents(tc.data)
         cache = assets.cache_root()
         if self.ckpt is not None and self.ckpt.tokenizer_json:
