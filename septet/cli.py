@@ -110,6 +110,9 @@ def cmd_generate(args: argparse.Namespace) -> Any:
         text = lm.generate(args.prompt, **kw)
         return {"model": lm.name, "prompt": args.prompt, "text": text,
                 "prompt_ids": lm.encode(args.prompt), "ids": lm.tokenizer.encode(text) if text else []}
+    from .generate import check_prompt
+
+    check_prompt(lm.model, max(1, len(lm.encode(args.prompt))))  # fail before echoing the prompt
     sys.stdout.write(args.prompt)
     for piece in lm.stream(args.prompt, **kw):
         sys.stdout.write(piece)

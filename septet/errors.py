@@ -23,3 +23,8 @@ class CheckpointError(SeptetError):
 
 class AssetError(SeptetError):
     """A registry asset that cannot be fetched or fails its checksum."""
+
+
+class InputError(SeptetError, ValueError):
+    """A bad argument or input to a model call: an over-long prompt, a sampling setting out
+    of range. Also a ValueError, for callers that catch that."""

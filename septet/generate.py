@@ -20,6 +20,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .errors import InputError
 from .models.base import DecoderLM
 
 
@@ -36,17 +37,17 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise InputError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InputError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
@@ -147,12 +148,12 @@ def _decode_fn(model: DecoderLM, compile: bool):
     return fn
 
 
-def _check_prompt(model: DecoderLM, n: int) -> None:
+def check_prompt(model: DecoderLM, n: int) -> None:
     context = model.config.context
     if n == 0:
-        raise ValueError("the prompt is empty; give at least one token")
+        raise InputError("the prompt is empty; give at least one token")
     if n >= context:
-        raise ValueError(f"prompt of {n} tokens leaves no room in the model's context of "
+        raise InputError(f"prompt of {n} tokens leaves no room in the model's context of "
                          f"{context}; shorten it")
 
 
@@ -170,7 +171,7 @@ def generate_ids(model: DecoderLM, prompt: list[int], s: Sampling,
     """Yield new token ids one at a time until max_new_tokens, a stop id or the context end.
     The stop id itself is yielded last. The cache holds prompt + max_new_tokens slots."""
     stop = set(stop_ids or ()) | ({eos_id} if eos_id is not None else set())
-    _check_prompt(model, len(prompt))
+    check_prompt(model, len(prompt))
     n_new = min(s.max_new_tokens, model.config.context - len(prompt))
     if n_new <= 0:
         return
@@ -208,7 +209,7 @@ def generate_batch(model: DecoderLM, prompts: Sequence[Sequence[int]], s: Sampli
     stop = set(stop_ids or ())
     lengths = [len(p) for p in prompts]
     for n in lengths:
-        _check_prompt(model, n)
+        check_prompt(model, n)
     B, P = len(prompts), max(lengths)
     n_new = min(s.max_new_tokens, model.config.context - P)
     outs: list[list[int]] = [[] for _ in prompts]

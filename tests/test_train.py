@@ -167,3 +167,15 @@ def test_corrupt_checkpoint_is_one_line(tmp_path, small_corpus, capsys):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])  # truncated, as after a failed copy
     one_line_error(capsys, ["generate", "--model", str(out), "--prompt", "x"], "model.safetensors")
+
+
+def test_overlong_prompt_is_one_line(tmp_path, small_corpus, capsys):
+    out = tmp_path / "long"
+    train(tiny_run(out, small_corpus, steps=2, eval_every=2, ckpt_every=2))
+    capsys.readouterr()
+    rc = main(["generate", "--model", str(out), "--prompt", "the king " * 200])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert len(captured.err.strip().splitlines()) == 1
+    assert "shorten it" in captured.err and "context of 64" in captured.err
+    assert captured.out == ""  # nothing echoed before the error

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DecoderConfig
+from ..errors import InputError
 from ..nn.attention import AttnContext, KVCache
 from ..nn.fused import CrossEntropyZLoss
 from ..nn.moe import MoE
@@ -61,7 +62,7 @@ class DecoderLM(nn.Module):
         B, T = tokens.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.context and positions is None:
-            raise ValueError(f"input of {start + T} tokens exceeds the model's context of "
+            raise InputError(f"input of {start + T} tokens exceeds the model's context of "
                              f"{self.config.context}; shorten the prompt")
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)  # (T,)
