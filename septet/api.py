@@ -34,6 +34,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 @dataclass
 class LoadedModel:
+    """A model with its tokenizer and chat conventions.
+
+    The first generation call packs q/k/v and gate/up weights for decoding
+    (`generate.optimize_for_inference`): from then on `.model` is inference-only and its
+    state_dict uses the packed names. To save or fine-tune weights, load them again (or
+    export from the source file with `septet export`)."""
+
     model: DecoderLM
     tokenizer: Tokenizer | None
     path: Path | None = None

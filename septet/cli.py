@@ -63,17 +63,10 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> Any:
     from .train.loop import TrainConfig, train
 
-    overrides = _parse_overrides(args.set)
     from .config import get_preset
 
-    preset = get_preset(args.model)  # fail fast on a bad name, before touching data
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(preset.config)}
-    for k in overrides:
-        if k not in fields:
-            raise ConfigError(f"--set {k}: not a field of {preset.config.family} configs "
-                              f"({', '.join(sorted(fields))})")
+    overrides = _parse_overrides(args.set)
+    get_preset(args.model).config.replace(**overrides)  # bad name or field: fail before data work
     tc = TrainConfig(
         model=args.model, out=Path(args.out or f"runs/{args.model}"), data=args.data,
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,

@@ -51,6 +51,11 @@ class DecoderConfig:
     def replace(self, **changes: Any) -> "DecoderConfig":
         """A copy with `changes`; fields that were derived (not set explicitly) are derived
         again, so replacing n_head also updates d_head and an MHA n_kv_head."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ConfigError(f"'{unknown[0]}' is not a field of {self.family} configs "
+                              f"({', '.join(sorted(names))})")
         rederived = dataclasses.replace(self, **{f: 0 for f in self.DERIVED})
         for f in self.DERIVED:
             if f not in changes and getattr(self, f) == getattr(rederived, f):

@@ -53,7 +53,6 @@ def test_resume_after_crash_is_bit_exact(tmp_path, small_corpus, monkeypatch):
     a, b = losses(ref), losses(crashed)
     assert sorted(b) == list(range(1, 9))  # no duplicated rows after the resume
     assert a == b  # bit-exact: the same float losses, not merely close
-    ref_w = torch.load  # noqa: F841  (weights compared through the checkpoints below)
     from safetensors.torch import load_file
 
     wa = load_file(ref / "step-00000008" / "model.safetensors")
