@@ -161,15 +161,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.d_head
-        if self.qkv_proj is not None:  # inference: packed once, one matmul at any length
-            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)
-            qk, v = qkv.split((H + Hkv, Hkv), dim=1)
-            if ctx.cos is not None:
-                qk = apply_rope(qk, ctx.cos, ctx.sin, ctx.rope_style)
-            q, k = qk.split((H, Hkv), dim=1)
-        elif should_fuse(x):
-            # training / prefill: q, k, v in one matmul, and q, k rotated in one pass
-            qkv = linear_cat(x, [self.q_proj, self.k_proj, self.v_proj])
+        if self.qkv_proj is not None or should_fuse(x):
+            # one matmul for q, k, v: packed once for inference, or concatenated per call
+            # for long training/prefill inputs; then q and k rotated in one pass
+            if self.qkv_proj is not None:
+                qkv = self.qkv_proj(x)
+            else:
+                qkv = linear_cat(x, [self.q_proj, self.k_proj, self.v_proj])
             qkv = qkv.view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2·Hkv, T, D)
             qk, v = qkv.split((H + Hkv, Hkv), dim=1)
             if ctx.cos is not None:
