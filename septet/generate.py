@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .decode import static_decoder, supports_static_decode
 from .models.base import DecoderLM
 
 
@@ -136,16 +137,25 @@ def optimize_for_inference(model: DecoderLM) -> DecoderLM:
     return model
 
 
-def _decode_fn(model: DecoderLM, compile: bool):
-    """The one-token step: model(tokens, cache=..., positions=..., pad_mask=..., last_only=True)."""
-    if not compile:
-        return model
-    fn = getattr(model, "_compiled_step", None)
-    if fn is None:
-        # dynamic=True: the cache position is symbolic, so one graph serves every step
-        fn = torch.compile(model, dynamic=True)
-        object.__setattr__(model, "_compiled_step", fn)  # not a submodule: no state_dict entry
-    return fn
+def _decode_fn(model: DecoderLM, compile: bool, batch: int, max_len: int):
+    """The one-token step as step(tokens (B, 1), positions (B, 1), key_mask (B, S) or None,
+    cache) -> logits (B, V).
+
+    Compiled, it is septet.decode's static-shape step (one graph for every step) where that
+    is exact for the model; otherwise, and uncompiled, the model's own forward."""
+    if compile and supports_static_decode(model, max_len):
+        dec = static_decoder(model)
+
+        def step(tokens, positions, key_mask, cache):
+            if key_mask is None:
+                key_mask = torch.ones(batch, max_len, dtype=torch.bool, device=tokens.device)
+            return dec.step(tokens, positions, key_mask, cache)
+        return step
+
+    def eager(tokens, positions, key_mask, cache):
+        mask = None if key_mask is None else key_mask[:, :cache.pos + 1]
+        return model(tokens, cache=cache, positions=positions, pad_mask=mask, last_only=True)[:, -1]
+    return eager
 
 
 def check_prompt(model: DecoderLM, n: int) -> None:
@@ -184,7 +194,7 @@ def generate_ids(model: DecoderLM, prompt: list[int], s: Sampling,
         seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
         seen[0, tokens[0]] = True
     logits = model(tokens, cache=cache, last_only=True)[:, -1]  # (1, V)
-    step = _decode_fn(model, s.compile)
+    step = _decode_fn(model, s.compile, 1, cache.max_len)
     for i in range(n_new):
         nxt = sample_next(logits, s, generator, seen)  # (1,)
         token = nxt.item()
@@ -193,7 +203,7 @@ def generate_ids(model: DecoderLM, prompt: list[int], s: Sampling,
             return
         if seen is not None:
             seen[0, token] = True
-        logits = step(nxt[:, None], cache=cache, last_only=True)[:, -1]
+        logits = step(nxt[:, None], torch.tensor([[cache.pos]], device=device), None, cache)
 
 
 @torch.inference_mode()
@@ -241,7 +251,7 @@ def generate_batch(model: DecoderLM, prompts: Sequence[Sequence[int]], s: Sampli
     cache = model.new_cache(B, S)
     mask = key_mask[:, :P] if any_pad else None
     logits = model(tokens, cache=cache, positions=positions, pad_mask=mask, last_only=True)[:, -1]
-    step = _decode_fn(model, s.compile)
+    step = _decode_fn(model, s.compile, B, S)
     done = [False] * B
     for i in range(n_new):
         nxt = sample_next(logits, s, generator, seen)  # (B,)
@@ -258,8 +268,7 @@ def generate_batch(model: DecoderLM, prompts: Sequence[Sequence[int]], s: Sampli
         if seen is not None:
             seen[torch.arange(B, device=device), nxt] = True
         pos = slots[P + i:P + i + 1] if relative else (slots[P + i] - pad)[:, None]
-        mask = key_mask[:, :P + i + 1] if any_pad else None
-        logits = step(nxt[:, None], cache=cache, positions=pos, pad_mask=mask, last_only=True)[:, -1]
+        logits = step(nxt[:, None], pos, key_mask if any_pad else None, cache)
     if return_logits:
         return outs, [torch.stack(r) if r else torch.empty(0) for r in rows_logits]
     return outs

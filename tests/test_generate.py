@@ -255,3 +255,56 @@ def test_loaded_model_stop_strings_and_kwargs(tiny_lm):
     batch = tiny_lm.generate_batch(["HAMLET.", "To be"], max_new_tokens=20, temperature=0)
     assert batch[0] == free
     assert batch[1] == tiny_lm.generate("To be", max_new_tokens=20, temperature=0)
+
+
+# ----------------------------------------------------------------------------- static decode
+
+def test_static_step_equals_the_eager_cached_step():
+    """septet.decode's step (write at a slot tensor, attend to all slots under a key mask)
+    computes what the eager cached forward does, padding and per-row positions included."""
+    from septet.decode import _step
+
+    model = _tiny("llama-tiny", n_kv_head=2)
+    prompts = [[7, 8, 9], list(range(10, 20))]
+    B, P, S = 2, 10, 24
+    pad = torch.tensor([P - 3, 0])
+    tokens = torch.zeros(B, P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = torch.tensor(p)
+    key_mask = torch.arange(S)[None] >= pad[:, None]  # (B, S)
+    positions = (torch.arange(P)[None] - pad[:, None]).clamp(min=0)
+    with torch.no_grad():
+        eager, static = model.new_cache(B, S), model.new_cache(B, S)
+        model(tokens, cache=eager, positions=positions, pad_mask=key_mask[:, :P])
+        model(tokens, cache=static, positions=positions, pad_mask=key_mask[:, :P])
+        nxt = torch.tensor([[11], [21]])
+        for _ in range(6):
+            pos = (eager.pos - pad)[:, None]
+            ref = model(nxt, cache=eager, positions=pos, pad_mask=key_mask[:, :eager.pos + 1])[:, -1]
+            got = _step(model, nxt, pos, key_mask, static.k, static.v, torch.tensor([static.pos]))
+            static.advance(1)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+            nxt = ref.argmax(-1, keepdim=True)
+        n = eager.pos
+        for a, b in zip(static.k + static.v, eager.k + eager.v):
+            torch.testing.assert_close(a[:, :, :n], b[:, :, :n])
+
+
+def test_static_decode_is_used_only_where_it_is_exact():
+    from septet.decode import supports_static_decode
+
+    assert supports_static_decode(_tiny("llama-tiny"), 64)
+    assert supports_static_decode(_tiny("palm-tiny"), 64)
+    assert not supports_static_decode(_tiny("gpt3-tiny", window=8), 64)  # banded layers
+    assert supports_static_decode(_tiny("gpt3-tiny", window=8), 8)  # the band covers the cache
+    assert not supports_static_decode(_tiny("lamda-tiny"), 64)  # T5 relative bias
+
+
+def test_compiled_generation_equals_eager():
+    model = _tiny("llama-tiny", n_layer=1, n_kv_head=2)
+    prompts = [[7, 8, 9], list(range(10, 20))]
+    eager = generate_batch(model, prompts, Sampling(max_new_tokens=6, temperature=0))
+    compiled = generate_batch(model, prompts, Sampling(max_new_tokens=6, temperature=0, compile=True))
+    assert compiled == eager
+    one = list(generate_ids(model, prompts[1], Sampling(max_new_tokens=6, temperature=0, compile=True)))
+    assert one == eager[1]

@@ -8,6 +8,7 @@ reads like the paper's architecture section. Everything else lives here once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,28 +60,49 @@ class DecoderLM(nn.Module):
                 last_only: bool = False) -> torch.Tensor:
         """`pad_mask` (B, cache.pos + T) bool marks real keys (left-padded batches);
         `last_only` computes the logits of the last position only (B, 1, V)."""
-        B, T = tokens.shape
+        if positions is None:
+            positions = self.default_positions(tokens.shape[1], cache, tokens.device)
+        x = self.embed(tokens, positions)  # (B, T, C)
+        x = self.hidden_states(x, positions, cache=cache, pad_mask=pad_mask, last_only=last_only)
+        return self.head_logits(x)  # (B, T, V)
+
+    def default_positions(self, T: int, cache: KVCache | None, device: torch.device) -> torch.Tensor:
+        """cache.pos + arange(T), checked against the context length."""
         start = cache.pos if cache is not None else 0
-        if start + T > self.config.context and positions is None:
+        if start + T > self.config.context:
             raise InputError(f"input of {start + T} tokens exceeds the model's context of "
                              f"{self.config.context}; shorten the prompt")
-        if positions is None:
-            positions = torch.arange(start, start + T, device=tokens.device)  # (T,)
-        x = self.embed(tokens, positions)  # (B, T, C)
+        return torch.arange(start, start + T, device=device)  # (T,)
+
+    def hidden_states(self, x: torch.Tensor, positions: torch.Tensor, *, cache: KVCache | None = None,
+                      pad_mask: torch.Tensor | None = None, last_only: bool = False,
+                      before_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                      ) -> torch.Tensor:
+        """Input vectors x (B, T, C), already embedded, through the blocks and the final norm.
+
+        The entry point for models that feed a frozen LM more than token ids: BLIP-2 prepends
+        soft-prompt vectors, Flamingo runs its gated cross-attention `before_block(i, x)`."""
+        T = x.shape[1]
+        start = cache.pos if cache is not None else 0
         ctx = self.attn_context(positions, start + T)
         if pad_mask is not None:
             ctx = ctx._replace(pad_mask=pad_mask)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if before_block is not None:
+                x = before_block(i, x)
             x = block(x, ctx, cache)
         if cache is not None:
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        x = self.norm_f(x)
-        head = self._modules.get("quant_head")
-        if head is not None:  # a quantised copy of a tied head (septet.quant)
-            return head(x)
-        return self.logits(x)  # (B, T, V)
+        return self.norm_f(x)
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (B, T, C) -> logits (B, T, V)."""
+        quant = self._modules.get("quant_head")
+        if quant is not None:  # a quantised copy of a tied head (septet.quant)
+            return quant(x)
+        return self.logits(x)
 
     def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:

@@ -31,17 +31,19 @@ class AttnContext(NamedTuple):
 
 
 class KVCache:
-    """Preallocated keys and values for all layers: (L, B, H_kv, T_max, D).
+    """Preallocated keys and values: per layer one (B, H_kv, T_max, D) tensor each.
 
     `pos` is the number of filled slots; a model forward writes its T new entries at
-    [pos, pos + T) in every layer, then advances `pos` once.
+    [pos, pos + T) in every layer, then advances `pos` once. Layers get separate tensors
+    (not views of one (L, ...) tensor) so a compiled decode step can update each in place
+    (septet.decode); writing through a view of a shared base makes the compiler copy it.
     """
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, d_head: int,
                  *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (n_layer, batch, n_kv_head, max_len, d_head)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, n_kv_head, max_len, d_head)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.max_len = max_len
         self.pos = 0
 
@@ -50,15 +52,26 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} tokens > {self.max_len} slots; "
                              "allocate a larger cache or shorten the input")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, n: int) -> None:
         self.pos += n
 
     def reset(self) -> None:
         self.pos = 0
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` (R,) in that order, e.g. beam search's survivors."""
+        self.k = [t[rows] for t in self.k]
+        self.v = [t[rows] for t in self.v]
+
+    def copy_prefix(self, src: "KVCache", rows: torch.Tensor, n: int) -> None:
+        """Fill this cache's first `n` slots from rows `rows` (R,) of `src`; pos becomes n."""
+        for dst, s in zip(self.k + self.v, src.k + src.v):
+            dst[:, :, :n] = s[rows, :, :n]
+        self.pos = n
 
 
 def band_mask(T: int, S: int, q_start: int, window: int | None) -> torch.Tensor:

@@ -1,0 +1,96 @@
+"""A one-token decode step with static shapes, so torch.compile builds one graph for all steps.
+
+The eager decode reads `cache.pos` (a Python int) and attends to the `pos + 1` filled
+slots, so every step has new shapes: under torch.compile that is a recompile or a
+symbolic-shape graph each time. Here the step is written the way static-cache engines
+write it (gpt-fast, HF's StaticCache): the new key/value go to a slot given as a *tensor*,
+attention reads all S slots of the preallocated cache, and a boolean key mask hides the
+empty and padding slots. Shapes then depend only on (B, S), and inductor can fuse the
+norms, rotary and residual arithmetic of all layers into a few kernels around the matmuls.
+
+Exact for every model whose attention is a plain causal softmax over the cache (LLaMA,
+PaLM, GPT-4-style, GPT-3's dense layers): masked slots get zero weight. Banded layers
+(GPT-3's local attention) and relative-position bias (LaMDA's T5 buckets) depend on key
+offsets and use the eager step instead (`supports_static_decode`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .models.base import DecoderLM
+from .nn.attention import Attention, KVCache
+
+
+class SlotCache:
+    """A KVCache as the static step sees it: writes at `slot` (a (1,) int64 tensor), reads all.
+
+    `pos` is 0 because attention only uses it to place a causal mask, and a single query
+    with an explicit key mask (`AttnContext.pad_mask`) needs none.
+    """
+
+    pos = 0
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], slot: torch.Tensor):
+        self.k, self.v, self.slot = k, v, slot  # per layer (B, H_kv, S, D); slot (1,)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer].index_copy_(2, self.slot, k)  # k: (B, H_kv, 1, D)
+        self.v[layer].index_copy_(2, self.slot, v)
+        return self.k[layer], self.v[layer]  # (B, H_kv, S, D)
+
+    def advance(self, n: int) -> None:  # the caller moves the real cache's pos
+        pass
+
+
+def supports_static_decode(model: DecoderLM, max_len: int) -> bool:
+    """True when attending to all `max_len` slots under a key mask is exact for `model`."""
+    if getattr(model, "rel_bias", None) is not None:
+        return False
+    for m in model.modules():
+        if isinstance(m, Attention) and m.window is not None and m.window < max_len:
+            return False
+    return True
+
+
+def _step(model: DecoderLM, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
+          k: list[torch.Tensor], v: list[torch.Tensor], slot: torch.Tensor) -> torch.Tensor:
+    """tokens (B, 1), positions (B, 1), key_mask (B, S) -> logits (B, V); writes slot `slot`."""
+    visible = key_mask & (torch.arange(k[0].shape[2], device=slot.device) <= slot)  # (B, S)
+    cache = SlotCache(k, v, slot)
+    x = model.hidden_states(model.embed(tokens, positions), positions, cache=cache,  # type: ignore[arg-type]
+                            pad_mask=visible)
+    return model.head_logits(x)[:, -1]  # (B, V)
+
+
+class StaticDecoder:
+    """Compiled decode steps for one model: `step(tokens, positions, key_mask, cache)`.
+
+    One compiled graph per (B, S, dtype); the real cache's `pos` is advanced here, outside
+    the graph, so the compiled code never sees a changing Python int.
+    """
+
+    def __init__(self, model: DecoderLM):
+        self.model = model
+        self._fn: Callable | None = None
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
+             cache: KVCache) -> torch.Tensor:
+        if self._fn is None:
+            # dynamic=False: shapes never change between steps, so nothing is symbolic
+            self._fn = torch.compile(_step, dynamic=False, fullgraph=True)
+        slot = torch.tensor([cache.pos], device=tokens.device)
+        logits = self._fn(self.model, tokens, positions, key_mask, cache.k, cache.v, slot)
+        cache.advance(1)
+        return logits
+
+
+def static_decoder(model: DecoderLM) -> StaticDecoder:
+    """The model's StaticDecoder, made once and kept on the model (not as a submodule)."""
+    dec = model.__dict__.get("_static_decoder")
+    if dec is None:
+        dec = StaticDecoder(model)
+        object.__setattr__(model, "_static_decoder", dec)
+    return dec
