@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -187,6 +188,9 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "mismatch"
         raise CheckpointError(f"{loaded.source}: weights do not match the config ({first})") from None
+    # the model now owns the tensors; without the dict's references, quantisation below can
+    # free each float weight as soon as its quantised copy exists (peak memory)
+    loaded.state_dict.clear()
     model = model.to(device=device, dtype=dtype).eval()
     lm = LoadedModel(model, loaded.tokenizer, Path(loaded.source), name=p.name,
                      chat_template=loaded.chat_template, bos_id=loaded.bos_id,
@@ -199,4 +203,22 @@ def _quantized(lm: LoadedModel, quant: str | None, group_size: int) -> LoadedMod
         from .quant import quantize_model
 
         quantize_model(lm.model, quant, group_size=group_size)
+        _release_freed_memory()
     return lm
+
+
+def _release_freed_memory() -> None:
+    """Hand the float weights freed by quantisation back to the OS. glibc keeps freed
+    small-block heap memory for reuse, so without this the process keeps the RSS of the
+    unquantised model (measured on SmolLM2 int4: 877 MB -> 521 MB)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            pass

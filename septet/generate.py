@@ -158,6 +158,18 @@ def _decode_fn(model: DecoderLM, compile: bool, batch: int, max_len: int):
     return eager
 
 
+CACHE_BUCKET = 256
+
+
+def _cache_len(model: DecoderLM, n: int, compile: bool) -> int:
+    """Slots to allocate for n tokens. The compiled step has one graph per cache length,
+    so it gets lengths rounded up to a multiple of CACHE_BUCKET (within the context), and
+    prompts of similar lengths share a graph; the eager step gets exactly n."""
+    if not compile:
+        return n
+    return max(n, min(model.config.context, -(-n // CACHE_BUCKET) * CACHE_BUCKET))
+
+
 def check_prompt(model: DecoderLM, n: int) -> None:
     context = model.config.context
     if n == 0:
@@ -187,7 +199,7 @@ def generate_ids(model: DecoderLM, prompt: list[int], s: Sampling,
         return
     device = next(model.parameters()).device
     generator = _generator(s, device)
-    cache = model.new_cache(1, len(prompt) + n_new)
+    cache = model.new_cache(1, _cache_len(model, len(prompt) + n_new, s.compile))
     tokens = torch.tensor([prompt], device=device)
     seen = None
     if s.repetition_penalty != 1.0:
@@ -228,7 +240,7 @@ def generate_batch(model: DecoderLM, prompts: Sequence[Sequence[int]], s: Sampli
         return (outs, [torch.empty(0)] * B) if return_logits else outs
     device = next(model.parameters()).device
     generator = _generator(s, device)
-    S = P + n_new
+    S = _cache_len(model, P + n_new, s.compile)
     pad = torch.tensor([P - n for n in lengths], device=device)  # (B,)
     tokens = torch.full((B, P), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):

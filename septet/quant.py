@@ -38,6 +38,7 @@ def _check_ops(mode: str) -> None:
 # (AMX) wins by ~10x. So activations run through these layers in bf16.
 COMPUTE_DTYPE = torch.bfloat16
 DEQUANT_MIN_ROWS = 32
+_ROWS_PER_BLOCK = 4096
 
 
 class _QuantLinear(nn.Module):
@@ -70,10 +71,15 @@ class Int8Linear(_QuantLinear):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        w = weight.detach().float()
-        self.out_features, self.in_features = w.shape
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (N,)
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.out_features, self.in_features = weight.shape
+        q = torch.empty(weight.shape, dtype=torch.int8)
+        scale = torch.empty(weight.shape[0])
+        # in row blocks: a whole fp32 copy of a 49k x 576 head would briefly cost ~0.3 GB
+        for r in range(0, weight.shape[0], _ROWS_PER_BLOCK):
+            w = weight[r:r + _ROWS_PER_BLOCK].detach().float()
+            s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (rows,)
+            q[r:r + _ROWS_PER_BLOCK] = torch.round(w / s[:, None]).clamp(-127, 127)
+            scale[r:r + _ROWS_PER_BLOCK] = s
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale.to(COMPUTE_DTYPE))
         self.register_buffer("bias", None if bias is None else bias.detach().to(COMPUTE_DTYPE))
@@ -170,11 +176,13 @@ def quantize_model(model: nn.Module, mode: str, *, group_size: int = 32,
     p = next(model.parameters())
     if p.device.type != "cpu":
         raise ConfigError(f"--quant {mode} uses PyTorch's CPU kernels; load the model on the CPU")
-    targets = [(parent, name, child) for parent in model.modules()
+    # names, not modules: holding every float layer until the loop ends would keep the
+    # whole unquantised model alive next to the quantised one (peak memory)
+    targets = [(parent, name) for parent in model.modules()
                for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    for parent, name, child in targets:
+    for parent, name in targets:
         m = head_mode if parent is model and name == "lm_head" else mode
-        setattr(parent, name, quantize_linear(child, m, group_size))
+        setattr(parent, name, quantize_linear(getattr(parent, name), m, group_size))
     if getattr(model, "lm_head", None) is None and hasattr(model, "tok_emb"):
         # a tied head: quantise a copy of the embedding for the output matmul only
         w = model.tok_emb.weight.detach()

@@ -308,3 +308,11 @@ def test_compiled_generation_equals_eager():
     assert compiled == eager
     one = list(generate_ids(model, prompts[1], Sampling(max_new_tokens=6, temperature=0, compile=True)))
     assert one == eager[1]
+    # other prompt lengths in the same cache bucket reuse the graph: no recompilation
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    for p in ([1, 2], list(range(30, 45))):
+        got = list(generate_ids(model, p, Sampling(max_new_tokens=5, temperature=0, compile=True)))
+        assert got == list(generate_ids(model, p, Sampling(max_new_tokens=5, temperature=0)))
+    assert counters["stats"]["unique_graphs"] == before
