@@ -68,6 +68,9 @@ def cmd_eval(args: argparse.Namespace) -> Any:
     from .scoring import Scorer
     from .tasks import get_task
 
+    from ..vlm.eval_task import cmd_eval_vlm, is_vlm_model  # a VLM checkpoint is not an LM: its own path
+    if is_vlm_model(args.model):
+        return cmd_eval_vlm(args)
     shots = parse_shots(args.shots)
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")

@@ -196,6 +196,7 @@ def register_task_family(prefix: str, loader: Callable[[str], object], descripti
 def _load_builtin() -> None:
     # imported on first use, not at module import: registry_tasks imports this module
     from . import registry_tasks  # noqa: F401
+    from ..vlm import eval_task  # noqa: F401  (easy-vqa, for VLM checkpoints)
 
 
 def registered_tasks() -> dict[str, str]:

@@ -1,0 +1,58 @@
+"""The bodies of `septet vlm train`, `septet vqa` and `septet caption` (septet.vlm.cli only
+declares their flags, so building the parser never imports torch)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from septet.errors import InputError
+
+
+def cmd_vlm_train(args: argparse.Namespace) -> dict | None:
+    from .cli import TRAIN_FLAGS
+    from .train import VLMTrainConfig, train_vlm
+
+    given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
+    tc = VLMTrainConfig(arch=args.arch, lm=args.lm, vision=args.vision, out=Path(args.out or f"runs/{args.arch}"),
+                        resume=args.resume, progress=not args.json and not args.no_progress, **given)
+    summary = train_vlm(tc)
+    if args.json:
+        return summary
+    acc = "" if summary["val_acc"] is None else (f"; 0-shot ranked accuracy on {summary['val_questions']} "
+                                                  f"test questions {summary['val_acc']:.1%}")
+    print(f"done: {summary['arch']} {summary['steps']} steps, loss {summary['loss']:.4f}{acc}; "
+          f"checkpoint {summary['checkpoint']}")
+    return None
+
+
+def _load(args: argparse.Namespace):
+    from .infer import load_vlm
+
+    if not Path(args.model).exists():
+        raise InputError(f"--model {args.model} does not exist; pass a directory from `septet vlm train --out`")
+    vlm = load_vlm(args.model)
+    if args.beams is not None and args.beams < 1:
+        raise InputError(f"--beams must be >= 1, got {args.beams}")
+    return vlm, vlm.encode_image(args.image)  # a non-image file fails here, in one line
+
+
+def cmd_vqa(args: argparse.Namespace) -> dict | None:
+    if not args.question.strip():
+        raise InputError("--question is empty; ask something, e.g. 'what color is the shape?'")
+    vlm, features = _load(args)
+    choices = [c.strip() for c in args.choices.split(",") if c.strip()] if args.choices else None
+    answer = vlm.answer(features, args.question.strip(), beams=args.beams, choices=choices)
+    if args.json:
+        return {"image": args.image, "question": args.question, "answer": answer}
+    print(answer)
+    return None
+
+
+def cmd_caption(args: argparse.Namespace) -> dict | None:
+    vlm, features = _load(args)
+    text = vlm.caption(features, beams=args.beams)
+    if args.json:
+        return {"image": args.image, "caption": text}
+    print(text)
+    return None

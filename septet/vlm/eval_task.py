@@ -1,0 +1,108 @@
+"""`septet eval --model VLM_CKPT --task easy-vqa --shots 0,4,8,32`.
+
+The task is registered with septet.eval like any other, but a VLM checkpoint is not an LM
+the eval CLI can load, so `septet eval` hands VLM checkpoints to `cmd_eval_vlm` here
+(detected by config.json's family). It reports, per shot count, Flamingo's ranked accuracy
+with random and RICES support (0 shots: also free generation), BLIP-2's zero-shot accuracy,
+and the majority-answer and text-only baselines on the same questions; the report files are
+the usual results.json / results.md / results.png of septet.eval.report.
+
+`--limit N` evaluates N random test images with all their questions (default 55 images,
+about 530 questions); `--seed` picks them and the random support sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+from septet.errors import InputError
+from septet.eval.tasks import register_task
+
+TASK = "easy-vqa"
+
+
+class EasyVQATask:
+    """What `--task easy-vqa` resolves to. Only VLM checkpoints can run it."""
+
+    name = label = TASK
+    wants_model = True
+
+    def n_units(self, shots: int, limit: int | None) -> int:
+        return 0
+
+    def evaluate(self, lm, shots: int, *, limit=None, seed=None, progress=None):
+        raise InputError("--task easy-vqa needs a vision-language checkpoint from `septet vlm train` as --model")
+
+
+register_task(TASK, EasyVQATask, "easy-VQA accuracy of a VLM checkpoint (Flamingo k-shot, BLIP-2 0-shot) "
+                                 "with majority and text-only baselines")
+
+
+def is_vlm_model(model: str) -> bool:
+    from .infer import is_vlm_checkpoint
+
+    return Path(model).exists() and is_vlm_checkpoint(model)
+
+
+def _row(task: str, shots: int, metric: str, value: float, n: int, primary: bool = False, notes=None):
+    from septet.eval.report import Row
+
+    stderr = math.sqrt(value * (1 - value) / n) if n else float("nan")  # binomial
+    return Row(task, shots, metric, value, n, stderr, primary, dict(notes or {}))
+
+
+def cmd_eval_vlm(args: argparse.Namespace):
+    """`septet eval` on a VLM checkpoint (same flags; see the module docstring)."""
+    from septet.eval.cli import parse_shots
+    from septet.eval.report import markdown_table, results_json, write_report
+    from . import data as D
+    from .evaluate import EvalConfig, baselines, evaluate_vlm
+    from .infer import eos_id_of, load_vlm
+
+    specs = [s.strip() for s in args.task.split(",") if s.strip()]
+    if specs != [TASK]:
+        raise InputError(f"--model {args.model} is a vision-language checkpoint; the only task it runs is {TASK}")
+    shots = parse_shots(args.shots)
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
+    ec = EvalConfig(shots=tuple(shots), images=args.limit or EvalConfig.images,
+                    seed=0 if args.seed is None else args.seed)
+    from septet.api import load, resolve_checkpoint
+    from septet.train.checkpoint import load_checkpoint
+
+    lm_name = load_checkpoint(resolve_checkpoint(args.model)).config["lm"]
+    loaded = load(lm_name)
+    vlm = load_vlm(args.model, lm=loaded)
+    notes = []
+    if vlm.arch != "flamingo" and any(k > 0 for k in shots):
+        notes.append("BLIP-2 is evaluated zero-shot only (its soft prompt holds one image); skipping shots > 0")
+    test, train = D.load_easyvqa("test"), D.load_easyvqa("train")
+    say = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    started = time.time()
+    rows = []
+    for r in evaluate_vlm(vlm, test, train, ec, progress=say):
+        how = r.name.split()[-1] if r.name.endswith(("random", "rices")) else ""
+        rows.append(_row(TASK, r.shots, "acc_ranked" + (f"_{how}" if how else ""), r.ranked, r.n,
+                         primary=how in ("", "rices")))
+        if r.generated is not None:
+            rows.append(_row(TASK, r.shots, "acc_generated", r.generated, r.n_generated))
+    for b in baselines(loaded.model, loaded.tokenizer, eos_id_of(loaded), train, test, ec):
+        rows.append(_row(f"{TASK} baseline: {b.name}", 0, "acc", b.ranked, b.n))
+    meta = {"model": str(args.model), "arch": vlm.arch, "lm": lm_name, "tasks": [TASK], "shots": shots,
+            "test_images": ec.images, "seed": ec.seed, "seconds": round(time.time() - started, 1), "warnings": notes}
+    out = Path(args.out) if args.out else Path("eval_results") / f"{vlm.arch}-easy-vqa"
+    paths = write_report(out, rows, meta)
+    if args.json:
+        return {**results_json(rows, meta), "files": {k: str(v) for k, v in paths.items()}}
+    for note in notes:
+        print(f"septet: warning: {note}", file=sys.stderr)
+    print(markdown_table(rows), end="")
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    return None
+
+
+__all__ = ["EasyVQATask", "TASK", "cmd_eval_vlm", "is_vlm_model"]

@@ -1,0 +1,280 @@
+"""`septet vlm train`: train a Flamingo or BLIP-2 bridge between a frozen encoder and a
+frozen LM on easy-VQA, resumably. Only the bridge's weights are trained and saved.
+
+Flamingo (§3 and App. B.1.2): every step accumulates the gradients of a weighted sum of
+per-dataset losses — single-image VQA pairs, captions and interleaved multi-image
+sequences (the few-shot format; the paper's M3W/ALIGN/LTIP mixture, scaled down) — then
+clips and takes one AdamW step. Weight decay 0.1 on the cross-attention matrices, none on
+the Perceiver Resampler (App. B.1.2); warmup, then the schedule.
+
+BLIP-2 (§3.2-3.4): stage 1 trains the Q-Former alone with ITC + ITM + ITG on captions;
+stage 2 continues from it, adding the projection into the frozen LM, trained with the LM
+loss on captions and VQA pairs. AdamW β2 = 0.98, weight decay 0.05, cosine.
+
+CPU scale: the defaults are much smaller than the papers' bridges (16 latents and 2
+resampler layers, not 64 and 6; cross-attention before every 6th LM block, as the larger
+Flamingos sparsify it — every 4th at 9B, 7th at 80B; a 4-layer 256-wide Q-Former with
+8 queries, not BERT-base with 32) so a run fits in tens of CPU minutes.
+
+Determinism: step k's batches come from a generator seeded by (seed, k); a resumed run
+restores bridge, optimizer and RNG state, so it continues as if never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from septet.errors import ConfigError
+from septet.models.blip2 import Blip2Config
+from septet.models.flamingo import FlamingoConfig
+from septet.nn.qformer import QFormerConfig
+from septet.train.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                                     restore_rng, save_checkpoint)
+from septet.train.metrics import MetricsLog
+from septet.train.schedules import lr_at
+from . import data as D
+from .infer import ARCHS, FAMILY, VLM, build_bridge, eos_id_of, vision_spec
+
+
+@dataclass
+class VLMTrainConfig:
+    arch: str = "flamingo"
+    lm: str = "smollm2-135m-instruct"
+    vision: str = "efficientnet-lite0"
+    out: Path = Path("runs/vlm")
+    steps: int = 300  # Flamingo: all steps; BLIP-2: stage-2 steps (after stage1_steps)
+    stage1_steps: int = 200
+    lr: float = 5e-4
+    stage1_lr: float = 1e-3
+    warmup: int = 20
+    schedule: str = "cosine"
+    weight_decay: float = -1.0  # < 0: the paper's (Flamingo 0.1, BLIP-2 0.05)
+    grad_clip: float = 1.0
+    seed: int = 0
+    # per-step batches (Flamingo: one forward per dataset, gradients accumulated)
+    vqa_batch: int = 12
+    caption_batch: int = 4
+    interleaved_batch: int = 2
+    interleaved_images: int = 3
+    vqa_weight: float = 1.0
+    caption_weight: float = 0.3
+    interleaved_weight: float = 1.0
+    stage1_batch: int = 16  # <= 24: captions in a stage-1 batch are distinct
+    # bridge size
+    n_latents: int = 16
+    resampler_layers: int = 2
+    resampler_dim: int = 256
+    xattn_every: int = 6
+    ff_mult: int = 2
+    qformer_dim: int = 256
+    qformer_layers: int = 4
+    n_query: int = 8
+    # bookkeeping
+    eval_every: int = 50
+    eval_questions: int = 64
+    ckpt_every: int = 50
+    keep_checkpoints: int = 2
+    threads: int = 1
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"--arch {self.arch!r} is unknown; use flamingo or blip2")
+        for name in ("steps", "vqa_batch", "eval_every", "ckpt_every", "keep_checkpoints", "threads",
+                     "interleaved_images", "n_latents", "resampler_layers", "xattn_every", "n_query"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"vlm train {name}={getattr(self, name)} must be >= 1")
+        if self.arch == "blip2" and not 2 <= self.stage1_batch <= 24:
+            raise ConfigError("vlm train stage1_batch must lie in [2, 24]: ITC needs distinct captions")
+        if self.lr <= 0 or self.warmup < 0:
+            raise ConfigError(f"vlm train lr={self.lr}, warmup={self.warmup}: need lr > 0 and warmup >= 0")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + (self.stage1_steps if self.arch == "blip2" else 0)
+
+    def bridge_config(self, lm_vocab: int) -> dict:
+        d_visual = vision_spec(self.vision).d_visual
+        if self.arch == "flamingo":
+            return FlamingoConfig(d_visual=d_visual, n_latents=self.n_latents, resampler_layers=self.resampler_layers,
+                                  resampler_dim=self.resampler_dim, resampler_heads=4, resampler_head_dim=64,
+                                  xattn_every=self.xattn_every, ff_mult=self.ff_mult).to_dict()
+        heads = max(1, self.qformer_dim // 64)
+        qc = QFormerConfig(d_model=self.qformer_dim, n_layer=self.qformer_layers, n_head=heads,
+                           d_ff=4 * self.qformer_dim, n_query=self.n_query, d_visual=d_visual,
+                           vocab_size=lm_vocab + 2, max_text=64)  # + [CLS], [DEC]
+        return Blip2Config(qformer=qc, embed_dim=128).to_dict()
+
+
+def _optimizer(tc: VLMTrainConfig, bridge: nn.Module) -> torch.optim.Optimizer:
+    """AdamW; decay only matrices outside the resampler (Flamingo App. B.1.2: no decay on
+    the Perceiver Resampler), never gains, biases, gates, queries or token rows."""
+    wd = tc.weight_decay if tc.weight_decay >= 0 else (0.1 if tc.arch == "flamingo" else 0.05)
+    decay, rest = [], []
+    for name, p in bridge.named_parameters():
+        if not p.requires_grad:
+            continue
+        no = p.ndim < 2 or "emb" in name or "query_tokens" in name or name.startswith("resampler.")
+        (rest if no else decay).append(p)
+    betas = (0.9, 0.999) if tc.arch == "flamingo" else (0.9, 0.98)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}],
+                             lr=tc.lr, betas=betas, fused=False)
+
+
+def _lr(tc: VLMTrainConfig, step: int) -> float:
+    if tc.arch == "blip2" and step <= tc.stage1_steps:
+        return lr_at(step, kind="cosine", peak=tc.stage1_lr, warmup=min(tc.warmup, tc.stage1_steps - 1),
+                     total=max(tc.stage1_steps, 1))
+    s = step - (tc.stage1_steps if tc.arch == "blip2" else 0)
+    return lr_at(s, kind=tc.schedule, peak=tc.lr, warmup=min(tc.warmup, tc.steps - 1), total=tc.steps)
+
+
+def flamingo_step(model, train: D.VQAData, fmt: D.Formatter, tc: VLMTrainConfig, g: torch.Generator) -> dict:
+    """Forward/backward each dataset's batch; the gradients add up (weighted sum of losses)."""
+    plan = [("vqa", tc.vqa_weight, lambda: D.flamingo_vqa_batch(train, fmt, tc.vqa_batch, g)),
+            ("caption", tc.caption_weight, lambda: D.flamingo_caption_batch(train, fmt, tc.caption_batch, g)),
+            ("interleaved", tc.interleaved_weight,
+             lambda: D.flamingo_interleaved_batch(train, fmt, tc.interleaved_batch, tc.interleaved_images, g))]
+    out, total = {}, 0.0
+    for name, weight, make in plan:
+        if weight <= 0 or (name == "caption" and tc.caption_batch < 1) or (
+                name == "interleaved" and tc.interleaved_batch < 1):
+            continue
+        b = make()
+        loss = model.loss(model(b.tokens, D.media_for(train, b.image_ids)), b.targets)  # (,)
+        (weight * loss).backward()
+        out[f"loss_{name}"] = loss.item()
+        total += weight * loss.item()
+    out["loss"] = total
+    return out
+
+
+def blip2_step(bridge, train: D.VQAData, fmt: D.Formatter, tc: VLMTrainConfig, step: int, g: torch.Generator) -> dict:
+    if step <= tc.stage1_steps:
+        imgs = D.sample_images(train, tc.stage1_batch, g, distinct_captions=True)
+        text, mask = D.caption_text_batch(train, fmt, imgs)
+        losses = bridge.stage1(train.features.get(imgs), text, mask)
+        losses.total.backward()
+        return {"stage": 1, "loss": losses.total.item(), "loss_itc": losses.itc.item(),
+                "loss_itm": losses.itm.item(), "loss_itg": losses.itg.item()}
+    n_cap = tc.caption_batch if tc.caption_weight > 0 else 0
+    b = D.blip_stage2_batch(train, fmt, tc.vqa_batch, n_cap, g)
+    feats = train.features.get([r[0] for r in b.image_ids])  # (B, N, D)
+    logits = bridge.model(feats, b.tokens)  # (B, T, V)
+    loss = bridge.model.loss(logits, b.targets)
+    loss.backward()
+    return {"stage": 2, "loss": loss.item()}
+
+
+@torch.no_grad()
+def quick_accuracy(vlm: VLM, data: D.VQAData, questions: list) -> float:
+    """0-shot ranked accuracy over the closed answer set (cheap: a validation signal)."""
+    cands = [vlm.fmt.answer(a) for a in data.answers]
+    right = 0
+    for q in questions:
+        f = data.features.get([q.image_id])  # (1, N, D)
+        prompt, media = vlm._prompt(vlm.fmt.question(q.text), f)
+        cache, visual, n = vlm.prefix_cache(prompt[:1], media)
+        scores = vlm.rank(cache, visual, n, [prompt[1:]], cands)
+        right += data.answers[int(scores[0].argmax())] == q.answer
+    return right / max(len(questions), 1)
+
+
+def train_vlm(tc: VLMTrainConfig, *, train: D.VQAData | None = None, val: D.VQAData | None = None,
+              lm=None) -> dict:
+    """Train (or resume) a bridge; returns a summary. `train`/`val`/`lm` default to easy-VQA
+    train/test with cached features and `septet.load(tc.lm)`; tests pass tiny ones."""
+    tc.validate()
+    torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    if lm is None:
+        from septet.api import load
+
+        lm = load(tc.lm)
+    if lm.tokenizer is None:
+        raise ConfigError(f"--lm {tc.lm}: the frozen LM needs a tokenizer (a preset has none); use smollm2")
+    train = train or D.load_easyvqa("train")
+    val = val or D.load_easyvqa("test")
+    bridge_cfg = tc.bridge_config(lm.model.config.vocab_size)
+    bridge = build_bridge(tc.arch, bridge_cfg, lm.model)
+    vlm = VLM(tc.arch, bridge, lm.tokenizer, eos_id=eos_id_of(lm), vision=tc.vision)
+    config = {"family": FAMILY, "arch": tc.arch, "lm": tc.lm, "vision": tc.vision, "bridge": bridge_cfg}
+    opt = _optimizer(tc, bridge)
+    out = Path(tc.out)
+
+    step = 0
+    resume_from = latest_checkpoint(out) if tc.resume else None
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from, with_training_state=True)
+        if ckpt.config != config:
+            raise ConfigError(f"{resume_from} was trained with another config; resume with the same flags "
+                              "or pick a new --out")
+        bridge.load_bridge_state_dict(ckpt.model_state)
+        opt.load_state_dict(ckpt.optimizer_state)
+        restore_rng(ckpt.rng)
+        step = int(ckpt.train_state["step"])
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume_from is not None else None)
+    g_val = torch.Generator().manual_seed(1234)
+    val_qs = D.sample_questions(val, tc.eval_questions, g_val)
+
+    def save(at: int) -> Path:
+        path = checkpoint_dir(out, at)
+        save_checkpoint(path, model_state=bridge.bridge_state_dict(), config=config, tokenizer_json=None,
+                        optimizer_state=opt.state_dict(),
+                        train_state={"step": at, "seed": tc.seed, "train_config": _plain(tc)})
+        prune_checkpoints(out, tc.keep_checkpoints)
+        return path
+
+    total = tc.total_steps
+    bar = tqdm(total=total, initial=step, disable=not tc.progress, desc=f"vlm train {tc.arch}", unit="step")
+    t0 = time.perf_counter()
+    row: dict = {"loss": math.nan}
+    last = resume_from
+    bridge.train()
+    while step < total:
+        step += 1
+        lr = _lr(tc, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        g = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
+        opt.zero_grad(set_to_none=True)
+        if tc.arch == "flamingo":
+            row = flamingo_step(bridge, train, vlm.fmt, tc, g)
+        else:
+            row = blip2_step(bridge, train, vlm.fmt, tc, step, g)
+        params = [p for p in bridge.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip).item() if params else 0.0
+        opt.step()
+        row.update({"step": step, "lr": lr, "grad_norm": grad_norm, "elapsed_s": time.perf_counter() - t0})
+        generative = tc.arch == "flamingo" or step > tc.stage1_steps
+        if generative and (step % tc.eval_every == 0 or step == total) and val_qs:
+            bridge.eval()
+            row["val_acc"] = quick_accuracy(vlm, val, val_qs)
+            bridge.train()
+        log.log(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", **({"val_acc": f"{row['val_acc']:.2f}"} if "val_acc" in row else {}))
+        bar.update(1)
+        if step % tc.ckpt_every == 0 or step == total:
+            last = save(step)
+    bar.close()
+    log.close()
+    bridge.eval()
+    return {"arch": tc.arch, "steps": step, "loss": row["loss"], "val_acc": row.get("val_acc"),
+            "val_questions": len(val_qs), "checkpoint": str(last), "metrics": str(out / "metrics.jsonl"),
+            "trainable_parameters": sum(p.numel() for p in bridge.trainable_parameters())}
+
+
+def _plain(tc: VLMTrainConfig) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(tc).items()}
+
+
+__all__ = ["VLMTrainConfig", "blip2_step", "flamingo_step", "quick_accuracy", "train_vlm"]
