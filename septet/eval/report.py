@@ -90,7 +90,9 @@ def plot_png(rows: list[Row], title: str = "") -> bytes:
 
     series: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
-        if r.primary and not r.notes.get("subtask_of"):
+        # BIG-bench's normalized aggregate is on a 0-100 scale; it stays in the table so
+        # the 0-1 grades keep a readable axis
+        if r.primary and not r.notes.get("subtask_of") and r.metric != "normalized_aggregate_score":
             series.setdefault((r.task, r.metric), []).append(r)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for (task, metric), rs in series.items():
