@@ -158,16 +158,20 @@ def _decode_fn(model: DecoderLM, compile: bool, batch: int, max_len: int):
     return eager
 
 
-CACHE_BUCKET = 256
+MIN_CACHE_BUCKET = 256
 
 
 def _cache_len(model: DecoderLM, n: int, compile: bool) -> int:
-    """Slots to allocate for n tokens. The compiled step has one graph per cache length,
-    so it gets lengths rounded up to a multiple of CACHE_BUCKET (within the context), and
-    prompts of similar lengths share a graph; the eager step gets exactly n."""
+    """Slots to allocate for n tokens. The compiled step has one graph per cache length, so
+    it gets powers of two from MIN_CACHE_BUCKET (capped at the context): a chat whose
+    history grows to the full context compiles a handful of graphs, not one per turn, and
+    attends to at most twice the slots it needs. The eager step gets exactly n."""
     if not compile:
         return n
-    return max(n, min(model.config.context, -(-n // CACHE_BUCKET) * CACHE_BUCKET))
+    bucket = MIN_CACHE_BUCKET
+    while bucket < n:
+        bucket *= 2
+    return max(n, min(model.config.context, bucket))
 
 
 def check_prompt(model: DecoderLM, n: int) -> None:
