@@ -18,7 +18,7 @@ TRAIN_FLAGS = {
     "weight_decay": float, "seed": int, "vqa_batch": int, "caption_batch": int, "interleaved_batch": int,
     "interleaved_images": int, "vqa_weight": float, "caption_weight": float, "interleaved_weight": float,
     "stage1_batch": int, "n_latents": int, "resampler_layers": int, "resampler_dim": int, "xattn_every": int,
-    "ff_mult": int, "qformer_dim": int, "qformer_layers": int, "n_query": int, "eval_every": int,
+    "ff_mult": int, "gate_lr_mult": float, "qformer_dim": int, "qformer_layers": int, "n_query": int, "eval_every": int,
     "eval_questions": int, "ckpt_every": int, "threads": int,
 }
 

@@ -31,10 +31,13 @@ def _load(args: argparse.Namespace):
 
     if not Path(args.model).exists():
         raise InputError(f"--model {args.model} does not exist; pass a directory from `septet vlm train --out`")
+    from septet.data.images import load_image
+
+    load_image(args.image)  # a non-image file fails here, in one line, before the LM loads
     vlm = load_vlm(args.model)
     if args.beams is not None and args.beams < 1:
         raise InputError(f"--beams must be >= 1, got {args.beams}")
-    return vlm, vlm.encode_image(args.image)  # a non-image file fails here, in one line
+    return vlm, vlm.encode_image(args.image)
 
 
 def cmd_vqa(args: argparse.Namespace) -> dict | None:

@@ -54,6 +54,34 @@ class VQAData:
         self.image_ids = sorted(self.by_image)
 
 
+class StandardizedFeatures:
+    """Features z-scored per channel with fixed train-split statistics.
+
+    EfficientNet-Lite0's final ReLU6 map is sparse (92% zeros on easy-VQA) and shares a large
+    common component across images (mean cosine 0.64 between pooled features; ~0.0 after
+    z-scoring). Fed raw, the bridge's LayerNorms see nearly the same tokens for every image
+    and a short CPU run learns the text prior only; centring and scaling each channel (a
+    fixed affine map, part of the checkpoint, not trained) lets it tell images apart."""
+
+    def __init__(self, store: FeatureStore, mean: torch.Tensor, std: torch.Tensor):
+        self.store, self.mean, self.std = store, mean, std  # (D,), (D,)
+
+    def get(self, image_ids: Sequence[int]) -> torch.Tensor:
+        return (self.store.get(image_ids) - self.mean) / self.std  # (B, N, D)
+
+
+def feature_stats(data: VQAData, n_images: int = 1000, batch: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (D,) over the tokens of the first n_images images."""
+    ids = data.image_ids[:n_images]
+    x = torch.cat([data.features.get(ids[b:b + batch]).flatten(0, 1) for b in range(0, len(ids), batch)])
+    return x.mean(0), x.std(0).clamp(min=1e-3)  # dead channels: scale by a constant, not by ~0
+
+
+def standardized(data: VQAData, mean: torch.Tensor, std: torch.Tensor) -> VQAData:
+    """The same split, its features seen through StandardizedFeatures."""
+    return VQAData(data.questions, data.captions, StandardizedFeatures(data.features, mean, std), data.answers)
+
+
 def load_easyvqa(split: str) -> VQAData:
     """easy-VQA `split` with its EfficientNet-Lite0 features (computed once, then cached)."""
     from septet.data.easyvqa import LITE0_PREPROCESS, EasyVQA, feature_cache
@@ -223,6 +251,6 @@ class Rices:
         return [self.pool.image_ids[i] for i in reversed(top)]
 
 
-__all__ = ["Batch", "CAPTION_PROMPT", "Formatter", "Rices", "VQAData", "VQA_TEMPLATE", "blip_stage2_batch",
+__all__ = ["StandardizedFeatures", "feature_stats", "standardized", "Batch", "CAPTION_PROMPT", "Formatter", "Rices", "VQAData", "VQA_TEMPLATE", "blip_stage2_batch",
            "caption_text_batch", "flamingo_caption_batch", "flamingo_interleaved_batch", "flamingo_vqa_batch",
            "load_easyvqa", "media_for", "pad_batch", "sample_images", "sample_questions", "with_targets"]

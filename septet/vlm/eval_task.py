@@ -80,7 +80,7 @@ def cmd_eval_vlm(args: argparse.Namespace):
     notes = []
     if vlm.arch != "flamingo" and any(k > 0 for k in shots):
         notes.append("BLIP-2 is evaluated zero-shot only (its soft prompt holds one image); skipping shots > 0")
-    test, train = D.load_easyvqa("test"), D.load_easyvqa("train")
+    test, train = vlm.view(D.load_easyvqa("test")), vlm.view(D.load_easyvqa("train"))
     say = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     started = time.time()
     rows = []

@@ -31,6 +31,7 @@ from septet.models.flamingo import Flamingo, FlamingoConfig, add_media_tokens
 from .data import CAPTION_PROMPT, Formatter
 
 FAMILY = "septet-vlm"
+NORM_MEAN, NORM_STD = "feature_norm.mean", "feature_norm.std"  # stored beside the bridge weights
 ARCHS = ("flamingo", "blip2")
 
 
@@ -100,8 +101,10 @@ class VLM:
 
     `features` (1, N, D) come from the frozen encoder (`encode_image` computes them)."""
 
-    def __init__(self, arch: str, bridge: nn.Module, tokenizer, *, eos_id: int, vision: str = "efficientnet-lite0"):
+    def __init__(self, arch: str, bridge: nn.Module, tokenizer, *, eos_id: int, vision: str = "efficientnet-lite0",
+                 feature_norm: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.arch, self.bridge, self.vision = arch, bridge.eval(), vision
+        self.feature_norm = feature_norm  # (mean (D,), std (D,)) or None: see data.StandardizedFeatures
         if arch == "flamingo":
             self.tokenizer = add_media_tokens(tokenizer, bridge.lm.config.vocab_size)
             self.fmt = Formatter(self.tokenizer.encode, image_id=bridge.image_token_id,
@@ -123,7 +126,19 @@ class VLM:
         if self._encoder is None:
             self._encoder = spec.load()
         x = spec.preprocess()(image)  # (3, S, S)
-        return self._encoder.visual_tokens(x[None]).float()
+        return self.standardize(self._encoder.visual_tokens(x[None]).float())
+
+    def standardize(self, features: torch.Tensor) -> torch.Tensor:
+        if self.feature_norm is None:
+            return features
+        mean, std = self.feature_norm
+        return (features - mean) / std
+
+    def view(self, data):
+        """A data split as this bridge sees it (features standardized if it was trained so)."""
+        from .data import standardized
+
+        return data if self.feature_norm is None else standardized(data, *self.feature_norm)
 
     # --- scoring ------------------------------------------------------------------
     @torch.no_grad()
@@ -235,8 +250,12 @@ def load_vlm(path: str | Path, *, lm=None) -> VLM:
                               "pass a directory written by `septet vlm train`")
     loaded = lm or load(c["lm"])
     bridge = build_bridge(c["arch"], c["bridge"], loaded.model)
-    bridge.load_bridge_state_dict(ckpt.model_state)
-    return VLM(c["arch"], bridge, loaded.tokenizer, eos_id=eos_id_of(loaded), vision=c["vision"])
+    state = dict(ckpt.model_state)
+    norm = None
+    if c.get("feature_norm"):
+        norm = (state.pop(NORM_MEAN), state.pop(NORM_STD))
+    bridge.load_bridge_state_dict(state)
+    return VLM(c["arch"], bridge, loaded.tokenizer, eos_id=eos_id_of(loaded), vision=c["vision"], feature_norm=norm)
 
 
 def is_vlm_checkpoint(path: str | Path) -> bool:

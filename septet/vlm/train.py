@@ -41,7 +41,7 @@ from septet.train.checkpoint import (checkpoint_dir, latest_checkpoint, load_che
 from septet.train.metrics import MetricsLog
 from septet.train.schedules import lr_at
 from . import data as D
-from .infer import ARCHS, FAMILY, VLM, build_bridge, eos_id_of, vision_spec
+from .infer import ARCHS, FAMILY, NORM_MEAN, NORM_STD, VLM, build_bridge, eos_id_of, vision_spec
 
 
 @dataclass
@@ -74,6 +74,8 @@ class VLMTrainConfig:
     resampler_dim: int = 256
     xattn_every: int = 6
     ff_mult: int = 2
+    gate_lr_mult: float = 10.0  # Flamingo's tanh gates learn at lr x this (see _optimizer)
+    standardize_features: bool = True  # z-score the frozen features (see data.StandardizedFeatures)
     qformer_dim: int = 256
     qformer_layers: int = 4
     n_query: int = 8
@@ -117,17 +119,26 @@ class VLMTrainConfig:
 
 def _optimizer(tc: VLMTrainConfig, bridge: nn.Module) -> torch.optim.Optimizer:
     """AdamW; decay only matrices outside the resampler (Flamingo App. B.1.2: no decay on
-    the Perceiver Resampler), never gains, biases, gates, queries or token rows."""
+    the Perceiver Resampler), never gains, biases, gates, queries or token rows.
+
+    Flamingo's tanh gates get `gate_lr_mult` x the learning rate: Adam moves a scalar by at
+    most ~lr per step, so at 1e-3 the gates sit near |0.03| after a few hundred steps (we
+    measured it) and the frozen LM barely hears the image; the paper had 500k steps."""
     wd = tc.weight_decay if tc.weight_decay >= 0 else (0.1 if tc.arch == "flamingo" else 0.05)
-    decay, rest = [], []
+    decay, rest, gates = [], [], []
     for name, p in bridge.named_parameters():
         if not p.requires_grad:
+            continue
+        if name.endswith("_gate"):
+            gates.append(p)
             continue
         no = p.ndim < 2 or "emb" in name or "query_tokens" in name or name.startswith("resampler.")
         (rest if no else decay).append(p)
     betas = (0.9, 0.999) if tc.arch == "flamingo" else (0.9, 0.98)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}],
-                             lr=tc.lr, betas=betas, fused=False)
+    groups = [{"params": decay, "weight_decay": wd, "lr_mult": 1.0},
+              {"params": rest, "weight_decay": 0.0, "lr_mult": 1.0},
+              {"params": gates, "weight_decay": 0.0, "lr_mult": tc.gate_lr_mult}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, betas=betas, fused=False)
 
 
 def _lr(tc: VLMTrainConfig, step: int) -> float:
@@ -204,10 +215,14 @@ def train_vlm(tc: VLMTrainConfig, *, train: D.VQAData | None = None, val: D.VQAD
         raise ConfigError(f"--lm {tc.lm}: the frozen LM needs a tokenizer (a preset has none); use smollm2")
     train = train or D.load_easyvqa("train")
     val = val or D.load_easyvqa("test")
+    norm = D.feature_stats(train) if tc.standardize_features else None
     bridge_cfg = tc.bridge_config(lm.model.config.vocab_size)
     bridge = build_bridge(tc.arch, bridge_cfg, lm.model)
-    vlm = VLM(tc.arch, bridge, lm.tokenizer, eos_id=eos_id_of(lm), vision=tc.vision)
-    config = {"family": FAMILY, "arch": tc.arch, "lm": tc.lm, "vision": tc.vision, "bridge": bridge_cfg}
+    vlm = VLM(tc.arch, bridge, lm.tokenizer, eos_id=eos_id_of(lm), vision=tc.vision, feature_norm=norm)
+    train, val = vlm.view(train), vlm.view(val)
+    config = {"family": FAMILY, "arch": tc.arch, "lm": tc.lm, "vision": tc.vision, "bridge": bridge_cfg,
+              "feature_norm": norm is not None}
+    extra = {} if norm is None else {NORM_MEAN: norm[0], NORM_STD: norm[1]}
     opt = _optimizer(tc, bridge)
     out = Path(tc.out)
 
@@ -218,7 +233,10 @@ def train_vlm(tc: VLMTrainConfig, *, train: D.VQAData | None = None, val: D.VQAD
         if ckpt.config != config:
             raise ConfigError(f"{resume_from} was trained with another config; resume with the same flags "
                               "or pick a new --out")
-        bridge.load_bridge_state_dict(ckpt.model_state)
+        state = dict(ckpt.model_state)
+        for key in extra:
+            state.pop(key)
+        bridge.load_bridge_state_dict(state)
         opt.load_state_dict(ckpt.optimizer_state)
         restore_rng(ckpt.rng)
         step = int(ckpt.train_state["step"])
@@ -228,7 +246,7 @@ def train_vlm(tc: VLMTrainConfig, *, train: D.VQAData | None = None, val: D.VQAD
 
     def save(at: int) -> Path:
         path = checkpoint_dir(out, at)
-        save_checkpoint(path, model_state=bridge.bridge_state_dict(), config=config, tokenizer_json=None,
+        save_checkpoint(path, model_state={**bridge.bridge_state_dict(), **extra}, config=config, tokenizer_json=None,
                         optimizer_state=opt.state_dict(),
                         train_state={"step": at, "seed": tc.seed, "train_config": _plain(tc)})
         prune_checkpoints(out, tc.keep_checkpoints)
@@ -244,7 +262,7 @@ def train_vlm(tc: VLMTrainConfig, *, train: D.VQAData | None = None, val: D.VQAD
         step += 1
         lr = _lr(tc, step)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         g = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
         opt.zero_grad(set_to_none=True)
         if tc.arch == "flamingo":
