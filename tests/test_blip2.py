@@ -16,13 +16,7 @@ from septet.nn.qformer import QFormer, QFormerConfig, itc_mask, itg_mask, itm_ma
 D_VIS = 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread beats two once other work shares the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_qformer_config(**changes) -> QFormerConfig:

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from septet.cli import main
@@ -22,12 +21,7 @@ TINY = ["--steps", "2", "--stage1-steps", "1", "--warmup", "1", "--vqa-batch", "
         "--eval-questions", "2", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

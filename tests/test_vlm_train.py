@@ -16,12 +16,7 @@ from septet.vlm.train import train_vlm
 from vlm_fixtures import synthetic_vqa, tiny_lm_dir, tiny_train_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ from ..errors import CheckpointError, ConfigError, InputError
 from ..nn.norms import LayerNorm
 from ..nn.qformer import QFormer, QFormerConfig, itc_mask, itg_mask, itm_mask
 from .base import DecoderLM
+from .bridge import FrozenLMBridge
 from .flamingo import beam_search, reorder_cache
 
 VQA_PROMPT = "Question: {} Answer:"  # the paper's zero-shot VQA prompt for decoder LMs (OPT)
@@ -223,12 +224,14 @@ class Blip2Stage1(nn.Module):
         return torch.stack(out)
 
 
-class Blip2(nn.Module):
+class Blip2(FrozenLMBridge):
     """Stage 2: Q-Former query outputs, projected, as soft prompts of a frozen decoder LM.
 
     forward(image (B, N, D_vis), tokens (B, T), *, cache=None, pad_mask=None, last_only=False)
     -> logits (B, T, V) at the text positions (position t predicts tokens[t + 1]).
     """
+
+    bridge_name = "BLIP-2"
 
     def __init__(self, lm: DecoderLM, config: Blip2Config, stage1: Blip2Stage1 | None = None):
         super().__init__()
@@ -269,20 +272,6 @@ class Blip2(nn.Module):
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=ignore_index)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def bridge_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights only (everything but the frozen LM): what a checkpoint stores."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("lm.")}
-
-    def load_bridge_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self.bridge_state_dict())
-        if set(state) != expected:
-            diff = sorted(set(state) ^ expected)
-            raise CheckpointError(f"BLIP-2 bridge weights do not match this model (first difference: "
-                                  f"'{diff[0]}'); was it trained with another config or LM?")
-        self.load_state_dict(state, strict=False)
 
     @torch.no_grad()
     def generate(self, image: torch.Tensor, prompt: Sequence[int], *, beams: int = 5,

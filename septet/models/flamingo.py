@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, InputError
+from ..errors import ConfigError, InputError
 from ..nn.attention import KVCache
 from ..nn.cross_attention import GatedXAttnDense, image_causal_mask
 from ..nn.perceiver import PerceiverResampler
 from ..tokenizer import Tokenizer
 from .base import DecoderLM
+from .bridge import FrozenLMBridge
 
 IMAGE_TOKEN = "<image>"
 EOC_TOKEN = "<EOC>"
@@ -131,7 +132,7 @@ def as_media(x: torch.Tensor) -> torch.Tensor:
                      f"(batch, images, frames, tokens, dim); got shape {tuple(x.shape)}")
 
 
-class Flamingo(nn.Module):
+class Flamingo(FrozenLMBridge):
     """A frozen DecoderLM with a Perceiver Resampler and gated cross-attention layers.
 
     forward(tokens (B, T), media (B, M, F, N, D_vis) | None, *, visual=None, cache=None,
@@ -140,6 +141,8 @@ class Flamingo(nn.Module):
     tag of a row stands for media[:, m]. `visual` (B, M, R, D) passes already-resampled
     tokens instead of `media` (generation resamples once).
     """
+
+    bridge_name = "Flamingo"
 
     def __init__(self, lm: DecoderLM, config: FlamingoConfig):
         super().__init__()
@@ -246,25 +249,11 @@ class Flamingo(nn.Module):
 
         return before_block
 
-    def bridge_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights only (everything but the frozen LM): what a checkpoint stores."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("lm.")}
-
-    def load_bridge_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self.bridge_state_dict())
-        if set(state) != expected:
-            diff = sorted(set(state) ^ expected)
-            raise CheckpointError(f"Flamingo bridge weights do not match this model (first difference: "
-                                  f"'{diff[0]}'); was it trained with another config or LM?")
-        self.load_state_dict(state, strict=False)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy in fp32 over targets != ignore_index."""
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=ignore_index)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
 
     # --- generation ---------------------------------------------------------------
     @torch.no_grad()
