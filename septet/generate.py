@@ -9,7 +9,7 @@ token per step.
   per token, never splits a UTF-8 character, and applies stop strings (held back while a
   tail could still become one; the stop string itself is not emitted)
 - `optimize_for_inference` packs q/k/v and gate/up weights once; `Sampling(compile=True)`
-  runs the decode step through torch.compile
+  runs septet.decode's static-shape compiled step (one graph per cache-length bucket)
 """
 
 from __future__ import annotations

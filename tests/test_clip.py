@@ -80,16 +80,6 @@ def test_clip_model_shapes_and_temperature():
     assert model.scale().item() == 100.0  # clipped (CLIP §2.5)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread, and far faster on a shared, busy machine
-    (a second thread mostly waits at the OpenMP barrier)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny(out: Path, **changes) -> CLIPTrainConfig:
     base = dict(out=out, steps=100, batch_size=48, lr=1e-3, warmup=4, weight_decay=0.1, image_size=32,
                 patch_size=8, vit_layers=2, vit_dim=64, vit_heads=4, text_layers=1, text_dim=64, text_heads=2,

@@ -17,14 +17,7 @@ from septet.nn.perceiver import PerceiverResampler
 D_VIS = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread beats two once other work shares the cores
-    (measured 50x on a loaded 2-core machine, from OpenMP threads waiting on each other)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_lm(vocab: int = 128, tie: bool = False):

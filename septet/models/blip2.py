@@ -39,7 +39,7 @@ from ..nn.norms import LayerNorm
 from ..nn.qformer import QFormer, QFormerConfig, itc_mask, itg_mask, itm_mask
 from .base import DecoderLM
 from .bridge import FrozenLMBridge
-from .flamingo import beam_search, reorder_cache
+from .flamingo import beam_search
 
 VQA_PROMPT = "Question: {} Answer:"  # the paper's zero-shot VQA prompt for decoder LMs (OPT)
 
@@ -293,7 +293,7 @@ class Blip2(FrozenLMBridge):
         def step(t: torch.Tensor) -> torch.Tensor:
             return self.lm(t, cache=cache, last_only=True)[:, -1]
 
-        return beam_search(first, step, lambda idx: reorder_cache(cache, idx), beams=beams,
+        return beam_search(first, step, cache.reorder, beams=beams,
                            max_new_tokens=n_new, stop_ids=set(stop_ids))
 
 

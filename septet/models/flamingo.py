@@ -119,6 +119,10 @@ class FlamingoCache(KVCache):
         super().reset()
         self.images_seen.zero_()
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        super().reorder(rows)
+        self.images_seen = self.images_seen[rows]
+
 
 def as_media(x: torch.Tensor) -> torch.Tensor:
     """(B, N, D) one image, (B, M, N, D) M images, or (B, M, F, N, D) -> (B, M, F, N, D)."""
@@ -276,15 +280,8 @@ class Flamingo(FrozenLMBridge):
         def step(t: torch.Tensor) -> torch.Tensor:
             return self(t, visual=visual, cache=cache, last_only=True)[:, -1]
 
-        return beam_search(first, step, lambda idx: reorder_cache(cache, idx), beams=beams,
+        return beam_search(first, step, cache.reorder, beams=beams,
                            max_new_tokens=n_new, stop_ids=stop)
-
-
-def reorder_cache(cache: KVCache, idx: torch.Tensor) -> None:
-    """Keep the cache rows `idx` (K,) in that order (beam search's survivors)."""
-    cache.reorder(idx)
-    if isinstance(cache, FlamingoCache):
-        cache.images_seen = cache.images_seen[idx]
 
 
 def beam_search(first_logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor],
