@@ -16,6 +16,7 @@ offsets and use the eager step instead (`supports_static_decode`).
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -65,24 +66,79 @@ def _step(model: DecoderLM, tokens: torch.Tensor, positions: torch.Tensor, key_m
     return model.head_logits(x)[:, -1]  # (B, V)
 
 
+class _Graph:
+    """One CUDA graph of the compiled step, bound to one cache's tensors (by address).
+
+    On a GPU a 135M-parameter model's decode step is a few hundred small kernels, and
+    launching them costs more than running them; replaying a captured graph launches them
+    all at once. Inputs are copied into static buffers, the output is read from one.
+    """
+
+    def __init__(self, fn: Callable, model: DecoderLM, tokens: torch.Tensor, positions: torch.Tensor,
+                 key_mask: torch.Tensor, cache: KVCache):
+        self.tokens, self.positions = tokens.clone(), positions.clone()
+        self.key_mask = key_mask.clone()
+        self.slot = torch.tensor([cache.pos], device=tokens.device)
+        args = (model, self.tokens, self.positions, self.key_mask, cache.k, cache.v, self.slot)
+        # warm up on a side stream (compiles; writes the same k/v the real step writes)
+        side = torch.cuda.Stream(device=tokens.device)
+        side.wait_stream(torch.cuda.current_stream(tokens.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(*args)
+        torch.cuda.current_stream(tokens.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = fn(*args)  # (B, V), rewritten by every replay
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
+                 pos: int) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.key_mask.copy_(key_mask)
+        self.slot.fill_(pos)
+        self.graph.replay()
+        return self.logits.clone()  # callers may keep it past the next step
+
+
+def _graph_key(tokens: torch.Tensor, key_mask: torch.Tensor, cache: KVCache) -> tuple:
+    # a graph is valid exactly while every cache tensor is at the address it was captured at
+    return (tuple(tokens.shape), tuple(key_mask.shape), tokens.device,
+            tuple(t.data_ptr() for t in cache.k), tuple(t.data_ptr() for t in cache.v))
+
+
 class StaticDecoder:
     """Compiled decode steps for one model: `step(tokens, positions, key_mask, cache)`.
 
     One compiled graph per (B, S, dtype); the real cache's `pos` is advanced here, outside
-    the graph, so the compiled code never sees a changing Python int.
+    the graph, so the compiled code never sees a changing Python int. On CUDA the compiled
+    step is also captured as a CUDA graph per cache (SEPTET_CUDA_GRAPHS=0 turns that off).
     """
+
+    MAX_GRAPHS = 4  # each holds a private memory pool for its intermediates
 
     def __init__(self, model: DecoderLM):
         self.model = model
         self._fn: Callable | None = None
+        self._graphs: dict[tuple, _Graph] = {}
+        self.cuda_graphs = os.environ.get("SEPTET_CUDA_GRAPHS", "1") != "0"
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
              cache: KVCache) -> torch.Tensor:
         if self._fn is None:
             # dynamic=False: shapes never change between steps, so nothing is symbolic
             self._fn = torch.compile(_step, dynamic=False, fullgraph=True)
-        slot = torch.tensor([cache.pos], device=tokens.device)
-        logits = self._fn(self.model, tokens, positions, key_mask, cache.k, cache.v, slot)
+        if tokens.device.type == "cuda" and self.cuda_graphs:
+            key = _graph_key(tokens, key_mask, cache)
+            graph = self._graphs.get(key)
+            if graph is None:
+                if len(self._graphs) >= self.MAX_GRAPHS:
+                    self._graphs.pop(next(iter(self._graphs)))
+                graph = self._graphs[key] = _Graph(self._fn, self.model, tokens, positions, key_mask, cache)
+            logits = graph(tokens, positions, key_mask, cache.pos)
+        else:
+            slot = torch.tensor([cache.pos], device=tokens.device)
+            logits = self._fn(self.model, tokens, positions, key_mask, cache.k, cache.v, slot)
         cache.advance(1)
         return logits
 

