@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..beam import beam_search, gnmt_penalty
 from ..errors import InputError
 from ..models.base import DecoderLM
 
@@ -326,59 +327,27 @@ class Scorer:
                     stop: Sequence[str] = (), max_new_tokens: int = 32) -> str:
         """The best continuation under beam search (GPT-3 §3 free-form tasks: beam 4, α 0.6).
 
-        Hypotheses are ranked by log P / lp(n) with GNMT's length penalty
-        lp(n) = ((5 + n) / 6)^α (Wu et al. 2016), the form T5 and GPT-3 cite. A hypothesis
-        ends at an end-of-text token or a stop string (cut off). Search stops once no live
-        beam can beat the worst of `beams` finished ones: a live score s can at best reach
-        s / lp(max length), as log-probabilities only fall."""
+        septet.beam's search with GNMT's length penalty lp(n) = ((5 + n) / 6)^α (Wu et al.
+        2016), the form T5 and GPT-3 cite. A hypothesis ends at an end-of-text token or when
+        its text contains a stop string (the text is cut there)."""
         prompt = self.context_ids(context)
         if len(prompt) >= self.context:
             raise InputError(f"prompt of {len(prompt)} tokens leaves no room in the model's context "
                              f"of {self.context}; use fewer shots")
         n_new = min(max_new_tokens, self.context - len(prompt))
-        def lp(n: int) -> float:
-            return ((5.0 + n) / 6.0) ** length_penalty
+        cache = self.model.new_cache(1, len(prompt) + n_new)  # grows to `beams` rows on reorder
+        first = self.model(torch.tensor([prompt], device=self.device), cache=cache,
+                           last_only=True)[:, -1]  # (1, V)
 
-        cache = self.model.new_cache(1, len(prompt) + n_new)
-        logits = self.model(torch.tensor([prompt], device=self.device), cache=cache,
-                            last_only=True)[:, -1].float()  # (1, V)
-        seqs: list[list[int]] = [[]]
-        scores = torch.zeros(1, device=self.device)  # (live,) summed log-probs
-        finished: list[tuple[float, str]] = []  # (normalised score, text)
-        for step in range(n_new):
-            cand = (scores[:, None] + logits.log_softmax(-1)).flatten()  # (live·V,)
-            top = cand.topk(min(2 * beams, cand.numel()))
-            keep_parent, keep_tok, keep_score = [], [], []
-            for s, flat in zip(top.values.tolist(), top.indices.tolist()):
-                parent, tok = divmod(flat, self.vocab)
-                seq = seqs[parent] + [tok]
-                if tok in self.stop_ids:
-                    finished.append((s / lp(len(seq)), self.decode(seqs[parent])))
-                    continue
-                text = self.decode(seq)
-                cut = _cut_at_stop(text, stop)
-                if cut is not None or step == n_new - 1:
-                    finished.append((s / lp(len(seq)), text if cut is None else cut))
-                    continue
-                keep_parent.append(parent)
-                keep_tok.append(tok)
-                keep_score.append(s)
-                if len(keep_tok) == beams:
-                    break
-            finished.sort(key=lambda f: -f[0])
-            finished = finished[:beams]
-            if not keep_tok:
-                break
-            best_live = keep_score[0] / lp(n_new)
-            if len(finished) == beams and best_live <= finished[-1][0]:
-                break
-            parent = torch.tensor(keep_parent, device=self.device)
-            cache.reorder(parent)  # rows follow their beams
-            seqs = [seqs[p] + [t] for p, t in zip(keep_parent, keep_tok)]
-            scores = torch.tensor(keep_score, device=self.device)
-            logits = self.model(torch.tensor(keep_tok, device=self.device)[:, None], cache=cache,
-                                last_only=True)[:, -1].float()  # (live, V)
-        return finished[0][1] if finished else ""
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            return self.model(tokens, cache=cache, last_only=True)[:, -1]
+
+        ends = (lambda seq: _cut_at_stop(self.decode(seq), stop) is not None) if any(stop) else None
+        ids = beam_search(first, step, cache.reorder, beams=beams, max_new_tokens=n_new,
+                          stop_ids=set(self.stop_ids), length_penalty=gnmt_penalty(length_penalty), ends=ends)
+        text = self.decode(ids)
+        cut = _cut_at_stop(text, stop)
+        return text if cut is None else cut
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str | None:

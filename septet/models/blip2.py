@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..beam import beam_search
 from ..errors import CheckpointError, ConfigError, InputError
 from ..nn.norms import LayerNorm
 from ..nn.qformer import QFormer, QFormerConfig, itc_mask, itg_mask, itm_mask
 from .base import DecoderLM
 from .bridge import FrozenLMBridge
-from .flamingo import beam_search
 
 VQA_PROMPT = "Question: {} Answer:"  # the paper's zero-shot VQA prompt for decoder LMs (OPT)
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..beam import beam_search
 from ..errors import ConfigError, InputError
 from ..nn.attention import KVCache
 from ..nn.cross_attention import GatedXAttnDense, image_causal_mask
@@ -282,59 +283,3 @@ class Flamingo(FrozenLMBridge):
 
         return beam_search(first, step, cache.reorder, beams=beams,
                            max_new_tokens=n_new, stop_ids=stop)
-
-
-def beam_search(first_logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor],
-                reorder: Callable[[torch.Tensor], None], *, beams: int, max_new_tokens: int,
-                stop_ids: set[int], length_penalty: float = 1.0) -> list[int]:
-    """Model-agnostic beam search over K = `beams` cache rows that hold the same prompt.
-
-    first_logits (K, V): the prompt's next-token logits (rows identical); step(tokens (K, 1))
-    -> (K, V) continues every row; reorder(idx (K,)) makes row i continue beam idx[i].
-    A hypothesis ends at a stop id; hypotheses are ranked by log-prob / length^penalty.
-    Returns the best hypothesis without its stop id.
-    """
-    K = beams
-    seqs: list[list[int]] = [[] for _ in range(K)]
-    scores = torch.full((K,), float("-inf"))
-    scores[0] = 0.0  # all rows hold the same prompt: expand from one of them
-    finished: list[tuple[float, list[int]]] = []
-    logits = first_logits
-    for i in range(max_new_tokens):
-        logp = F.log_softmax(logits.float(), dim=-1).cpu()  # (K, V)
-        V = logp.shape[-1]
-        cand_scores, cand = (scores[:, None] + logp).view(-1).topk(2 * K)
-        rows, keep_toks, keep_scores, keep_seqs = [], [], [], []
-        for rank, (s, c) in enumerate(zip(cand_scores.tolist(), cand.tolist())):
-            if s == float("-inf"):
-                break
-            r, t = divmod(c, V)
-            seq = seqs[r] + [t]
-            if t in stop_ids:
-                if rank < K:  # only a top-K candidate may end a hypothesis
-                    finished.append((s / len(seq) ** length_penalty, seq[:-1]))
-                continue
-            rows.append(r)
-            keep_toks.append(t)
-            keep_scores.append(s)
-            keep_seqs.append(seq)
-            if len(rows) == K:
-                break
-        if len(finished) >= K or not rows:
-            break
-        if i == max_new_tokens - 1:  # out of budget: unfinished hypotheses compete as they are
-            finished += [(s / len(q) ** length_penalty, q) for s, q in zip(keep_scores, keep_seqs)]
-            break
-        while len(rows) < K:  # fill idle rows with a dead copy
-            rows.append(rows[0])
-            keep_toks.append(keep_toks[0])
-            keep_scores.append(float("-inf"))
-            keep_seqs.append(keep_seqs[0])
-        device = first_logits.device
-        reorder(torch.tensor(rows, device=device))
-        seqs, scores = keep_seqs, torch.tensor(keep_scores)
-        logits = step(torch.tensor(keep_toks, device=device)[:, None])
-    finished = [f for f in finished if f[0] != float("-inf")]
-    if not finished:
-        return []
-    return max(finished, key=lambda f: f[0])[1]
