@@ -137,7 +137,7 @@ def optimize_for_inference(model: DecoderLM) -> DecoderLM:
     return model
 
 
-def _decode_fn(model: DecoderLM, compile: bool, batch: int, max_len: int):
+def decode_step(model: DecoderLM, compile: bool, batch: int, max_len: int):
     """The one-token step as step(tokens (B, 1), positions (B, 1), key_mask (B, S) or None,
     cache) -> logits (B, V).
 
@@ -161,7 +161,7 @@ def _decode_fn(model: DecoderLM, compile: bool, batch: int, max_len: int):
 MIN_CACHE_BUCKET = 256
 
 
-def _cache_len(model: DecoderLM, n: int, compile: bool) -> int:
+def cache_slots(model: DecoderLM, n: int, compile: bool) -> int:
     """Slots to allocate for n tokens. The compiled step has one graph per cache length, so
     it gets powers of two from MIN_CACHE_BUCKET (capped at the context): a chat whose
     history grows to the full context compiles a handful of graphs, not one per turn, and
@@ -203,14 +203,14 @@ def generate_ids(model: DecoderLM, prompt: list[int], s: Sampling,
         return
     device = next(model.parameters()).device
     generator = _generator(s, device)
-    cache = model.new_cache(1, _cache_len(model, len(prompt) + n_new, s.compile))
+    cache = model.new_cache(1, cache_slots(model, len(prompt) + n_new, s.compile))
     tokens = torch.tensor([prompt], device=device)
     seen = None
     if s.repetition_penalty != 1.0:
         seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
         seen[0, tokens[0]] = True
     logits = model(tokens, cache=cache, last_only=True)[:, -1]  # (1, V)
-    step = _decode_fn(model, s.compile, 1, cache.max_len)
+    step = decode_step(model, s.compile, 1, cache.max_len)
     for i in range(n_new):
         nxt = sample_next(logits, s, generator, seen)  # (1,)
         token = nxt.item()
@@ -244,7 +244,7 @@ def generate_batch(model: DecoderLM, prompts: Sequence[Sequence[int]], s: Sampli
         return (outs, [torch.empty(0)] * B) if return_logits else outs
     device = next(model.parameters()).device
     generator = _generator(s, device)
-    S = _cache_len(model, P + n_new, s.compile)
+    S = cache_slots(model, P + n_new, s.compile)
     pad = torch.tensor([P - n for n in lengths], device=device)  # (B,)
     tokens = torch.full((B, P), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
@@ -267,7 +267,7 @@ def generate_batch(model: DecoderLM, prompts: Sequence[Sequence[int]], s: Sampli
     cache = model.new_cache(B, S)
     mask = key_mask[:, :P] if any_pad else None
     logits = model(tokens, cache=cache, positions=positions, pad_mask=mask, last_only=True)[:, -1]
-    step = _decode_fn(model, s.compile, B, S)
+    step = decode_step(model, s.compile, B, S)
     done = [False] * B
     for i in range(n_new):
         nxt = sample_next(logits, s, generator, seen)  # (B,)

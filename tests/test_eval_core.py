@@ -131,6 +131,17 @@ def test_greedy_generation_batched_equals_single_and_stops():
     assert cut == alone[0][:alone[0].index(stop)]
 
 
+def test_compiled_greedy_generation_equals_eager():
+    """`septet eval --compile`: the static compiled decode step gives the eager tokens for a
+    left-padded batch (cache slots rounded up to a bucket, keys masked)."""
+    model = _tiny("llama-tiny", n_kv_head=2)
+    prompts = ["abc", "a much longer prompt", "q"]
+    eager = _byte_scorer(model, batch_size=3).generate_until(prompts, max_new_tokens=10)
+    compiled = _byte_scorer(model, batch_size=3)
+    compiled.compile = True
+    assert compiled.generate_until(prompts, max_new_tokens=10) == eager
+
+
 def test_beam_search_is_exhaustive_with_enough_beams():
     """With beams >= V^(n-1) nothing is pruned: the result is the best sequence under the
     GNMT-normalised score among all continuations of n tokens (or ended by an end token)."""
@@ -388,3 +399,18 @@ def test_cli_end_to_end_and_one_line_errors(tmp_path, bpe_lm, monkeypatch, capsy
         assert msg in err and len(err.splitlines()) == 1
     assert main(["eval", "--model", "x", "--task", str(p), "--shots", "9"]) == 2
     assert "too few for 9 shots" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_batched_chain_of_thought_equals_one_item_at_a_time(bpe_lm, compile_):
+    """Without the calculator, CoT items are decoded several per forward pass (left padded,
+    optionally through the compiled static step): the records must equal the one-by-one loop's."""
+    from septet.eval import cot
+
+    words = ["the cat sat", "paris is what city", "a mat", "capital of france is", "rome"]
+    items = [cot.Example(q, "1") for q in words]
+    lm = LoadedModel(_tiny("llama-tiny", vocab=300, n_kv_head=2, context=256), bpe_lm.tokenizer, name="bpe-tiny")
+    single = cot.run_gsm8k_cot(lm, items, shots=1, max_new_tokens=12, batch=1)
+    batched = cot.run_gsm8k_cot(lm, items, shots=1, max_new_tokens=12, batch=3, compile=compile_)
+    assert [r["completion"] for r in batched["records"]] == [r["completion"] for r in single["records"]]
+    assert any(r["completion"] for r in single["records"])

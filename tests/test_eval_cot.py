@@ -140,7 +140,7 @@ class ScriptedModel(nn.Module):
     def new_cache(self, batch, max_len=None):
         return SimpleNamespace(ids=[], n_prompt=None, max_len=max_len)
 
-    def forward(self, tokens, *, cache=None, last_only=False):
+    def forward(self, tokens, *, cache=None, positions=None, pad_mask=None, last_only=False):
         fed = tokens[0].tolist()
         self.calls.append(fed)
         cache.ids += fed
@@ -189,7 +189,8 @@ def test_injected_tokens_count_towards_max_new_tokens():
     assert out.text == " 2 + 3 = " and out.injections == [("2 + 3", " ")]
 
 
-def test_the_cached_loop_computes_what_a_fresh_forward_would(monkeypatch):
+@pytest.mark.parametrize("compile_", [False, True])
+def test_the_cached_loop_computes_what_a_fresh_forward_would(monkeypatch, compile_):
     """With a real (tiny, random) model: after an injection, every greedy token equals the
     argmax of an uncached forward over the whole sequence, so the cache stayed consistent."""
     torch.manual_seed(0)
@@ -206,7 +207,7 @@ def test_the_cached_loop_computes_what_a_fresh_forward_would(monkeypatch):
     tok = CharTokenizer()
     prompt = tok.encode("Q: 1\nA:")
     out = cot.generate_cot(model, tok, prompt, stop=(), stop_ids=set(), calculator=True,
-                           sampling=Sampling(max_new_tokens=20, temperature=0))
+                           sampling=Sampling(max_new_tokens=20, temperature=0, compile=compile_))
     assert out.injections == [("fake", "=42")] and out.n_tokens == 20
     ids = tok.encode(out.text)
     assert ids[3:6] == tok.encode("=42")

@@ -30,7 +30,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from ..errors import DataError, InputError
-from ..generate import Sampling, check_prompt, optimize_for_inference, sample_next
+from ..generate import Sampling, cache_slots, check_prompt, decode_step, optimize_for_inference, sample_next
 from .metrics import mean_stderr
 
 STOP = ("Q:", "\n\n")  # lm-eval stops at "Q:"; a blank line also ends one answer and saves time
@@ -364,8 +364,10 @@ def generate_cot(model, tokenizer: TextCodec, prompt: list[int], *, sampling: Sa
         return out
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    cache = model.new_cache(1, len(prompt) + budget)
+    cache = model.new_cache(1, cache_slots(model, len(prompt) + budget, sampling.compile))
     logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[:, -1]
+    step = decode_step(model, sampling.compile, 1, cache.max_len)  # one token at a time
+    pos = len(prompt)  # the next slot
     ids: list[int] = []
     text = ""
     while True:
@@ -387,7 +389,11 @@ def generate_cot(model, tokenizer: TextCodec, prompt: list[int], *, sampling: Sa
         if cut >= 0 or len(ids) >= budget:
             text = text[:cut] if cut >= 0 else text
             break
-        logits = model(torch.tensor([feed], device=device), cache=cache, last_only=True)[:, -1]
+        if len(feed) == 1:
+            logits = step(torch.tensor([feed], device=device), torch.tensor([[pos]], device=device), None, cache)
+        else:  # the calculator's result: several tokens in one eager cached pass
+            logits = model(torch.tensor([feed], device=device), cache=cache, last_only=True)[:, -1]
+        pos += len(feed)
     out.text, out.n_tokens = text, len(ids)
     return out
 
@@ -398,7 +404,8 @@ def _qa(question: str, answer: str = "") -> str:
 
 def _evaluate(lm, items: Sequence[Example], prompt_for: Callable[[Example, int], str], shots: int,
               extract: Callable[[str], str | None], *, calculator: bool, max_new_tokens: int,
-              limit: int | None, progress: Callable[[int], None] | None = None) -> dict:
+              limit: int | None, progress: Callable[[int], None] | None = None,
+              compile: bool = False, batch: int = 1) -> dict:
     """Greedy chain-of-thought on each item (PaLM and Wei et al. decode greedily); K is
     reduced with a warning, as GPT-3 did, when the prompt would not fit the context."""
     if lm.tokenizer is None:
@@ -407,9 +414,10 @@ def _evaluate(lm, items: Sequence[Example], prompt_for: Callable[[Example, int],
     tok = lm.tokenizer
     stop_ids = set(lm.eos_ids) | ({tok.eot_id} if tok.eot_token else set())
     context = model.config.context
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0)
-    records = []
-    for index, item in enumerate(items[:limit] if limit is not None else items):
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0, compile=compile)
+    chosen = list(items[:limit] if limit is not None else items)
+    prompts, used = [], []
+    for index, item in enumerate(chosen):
         k = shots
         ids = lm.encode(prompt_for(item, k))
         while len(ids) + max_new_tokens > context and k > 0:
@@ -418,14 +426,29 @@ def _evaluate(lm, items: Sequence[Example], prompt_for: Callable[[Example, int],
         if k < shots:
             warnings.warn(f"item {index}: {shots} shots do not fit the context of {context} tokens "
                           f"with {max_new_tokens} new tokens; using {k}", stacklevel=3)
-        gen = generate_cot(model, tok, ids, sampling=sampling, stop_ids=stop_ids, calculator=calculator)
+        prompts.append(ids)
+        used.append(k)
+    if calculator or batch <= 1:  # one item at a time (the calculator edits each sequence)
+        outputs = []
+        for ids in prompts:
+            outputs.append(generate_cot(model, tok, ids, sampling=sampling, stop_ids=stop_ids,
+                                        calculator=calculator))
+            if progress:
+                progress(1)
+    else:  # the same greedy tokens, several items per forward pass (septet.eval.scoring)
+        from .scoring import Scorer
+
+        scorer = Scorer.from_loaded(lm, batch_size=batch, compile=compile)
+        texts = scorer.generate_ids_until(prompts, stop=STOP, max_new_tokens=max_new_tokens,
+                                          progress=progress)
+        outputs = [CotOutput(text, len(tok.encode(text))) for text in texts]
+    records = []
+    for index, (item, k, gen) in enumerate(zip(chosen, used, outputs)):
         prediction = extract(gen.text)
         records.append({"index": index, "question": item.question, "gold": item.answer,
                         "shots": k, "completion": gen.text, "prediction": prediction,
                         "correct": prediction == item.answer, "n_tokens": gen.n_tokens,
                         "injections": [list(x) for x in gen.injections]})
-        if progress:
-            progress(1)
     score = mean_stderr([float(r["correct"]) for r in records])
     return {"metric": "exact_match", "value": score.value, "n": score.n, "stderr": score.stderr,
             "records": records}
@@ -434,7 +457,8 @@ def _evaluate(lm, items: Sequence[Example], prompt_for: Callable[[Example, int],
 def run_gsm8k_cot(lm, problems: Sequence[Example], *, shots: int = 8, calculator: bool = False,
                   limit: int | None = None, max_new_tokens: int = 256,
                   exemplars: Sequence[Example] | None = None,
-                  progress: Callable[[int], None] | None = None) -> dict:
+                  progress: Callable[[int], None] | None = None, compile: bool = False,
+                  batch: int = 1) -> dict:
     """Exact match of chain-of-thought answers to arithmetic word problems, with the first
     `shots` of the 8 standard exemplars. `lm`: a septet.api.LoadedModel."""
     demos = list(exemplars) if exemplars is not None else gsm8k_exemplars()
@@ -445,12 +469,14 @@ def run_gsm8k_cot(lm, problems: Sequence[Example], *, shots: int = 8, calculator
         return "\n\n".join([_qa(d.question, d.target) for d in demos[:k]] + [_qa(item.question)])
 
     return _evaluate(lm, problems, prompt_for, shots, extract_answer, calculator=calculator,
-                     max_new_tokens=max_new_tokens, limit=limit, progress=progress)
+                     max_new_tokens=max_new_tokens, limit=limit, progress=progress, compile=compile,
+                     batch=batch)
 
 
 def run_mmlu_cot(lm, examples: Sequence[Example], *, shots: int = 4, calculator: bool = False,
                  limit: int | None = None, max_new_tokens: int = 256,
-                 progress: Callable[[int], None] | None = None) -> dict:
+                 progress: Callable[[int], None] | None = None, compile: bool = False,
+                 batch: int = 1) -> dict:
     """Exact match of the chosen letter on MMLU CoT dev examples; each item's exemplars are
     the first `shots` other examples of its subject (lm-eval's flan_cot_fewshot uses 4)."""
     by_subject: dict[str, list[Example]] = {}
@@ -463,4 +489,5 @@ def run_mmlu_cot(lm, examples: Sequence[Example], *, shots: int = 4, calculator:
         return "\n\n".join(([item.description] if item.description else []) + parts)
 
     return _evaluate(lm, examples, prompt_for, shots, extract_choice, calculator=calculator,
-                     max_new_tokens=max_new_tokens, limit=limit, progress=progress)
+                     max_new_tokens=max_new_tokens, limit=limit, progress=progress, compile=compile,
+                     batch=batch)

@@ -88,6 +88,8 @@ class CotTask:
     kind: str  # "gsm8k" | "mmlu"
     max_shots: int
     calculator: bool = False
+    compile: bool = False  # decode through the compiled static step (same tokens, faster)
+    batch: int = 8  # items decoded together (without the calculator); KV cache ~0.1 GB per row
     exemplars: tuple = field(default=(), compare=False)  # gsm8k: Wei et al.'s eight
     wants_model = True
 
@@ -103,10 +105,11 @@ class CotTask:
 
         if self.kind == "gsm8k":
             result = run_gsm8k_cot(lm, self.examples, shots=shots, calculator=self.calculator,
-                                   limit=limit, exemplars=self.exemplars, progress=progress)
+                                   limit=limit, exemplars=self.exemplars, progress=progress,
+                                   compile=self.compile, batch=self.batch)
         else:
             result = run_mmlu_cot(lm, self.examples, shots=shots, calculator=self.calculator,
-                                  limit=limit, progress=progress)
+                                  limit=limit, progress=progress, compile=self.compile, batch=self.batch)
         records = result["records"]
         notes: dict = {"decoding": "greedy", "demonstrations": "fixed (the protocol's exemplars)"}
         fewer = [min(r["shots"], self._available(r["index"])) for r in records]

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..beam import beam_search, gnmt_penalty
+from ..generate import cache_slots, decode_step
 from ..errors import InputError
 from ..models.base import DecoderLM
 
@@ -59,7 +60,7 @@ class Scorer:
     def __init__(self, model: DecoderLM, encode: Callable[[str], list[int]],
                  decode: Callable[[list[int]], str], *, prefix_id: int, bos_id: int | None = None,
                  add_bos: bool = False, stop_ids: Sequence[int] = (), batch_size: int = 32,
-                 logits_budget: int = 1 << 26):
+                 logits_budget: int = 1 << 26, compile: bool = False):
         self.model = model.eval()
         self.encode, self.decode = encode, decode
         self.prefix_id, self.bos_id, self.add_bos = prefix_id, bos_id, add_bos
@@ -67,6 +68,7 @@ class Scorer:
         self.batch_size = max(1, batch_size)  # continuation rows per forward pass
         # max elements of one (rows, T, V) logits tensor or of one copied (rows, ...) KV cache
         self.logits_budget = logits_budget
+        self.compile = compile  # greedy decoding through septet.decode's compiled static step
         self.context = model.config.context
         self.vocab = model.config.vocab_size
         p = next(model.parameters())
@@ -75,7 +77,7 @@ class Scorer:
         self.relative = getattr(model, "rel_bias", None) is not None
 
     @classmethod
-    def from_loaded(cls, lm, *, batch_size: int = 32) -> "Scorer":
+    def from_loaded(cls, lm, *, batch_size: int = 32, compile: bool = False) -> "Scorer":
         """From a `septet.load(...)` result (its weights get packed for inference, as for
         generation: see septet.generate.optimize_for_inference)."""
         from ..generate import optimize_for_inference
@@ -90,7 +92,7 @@ class Scorer:
         return cls(lm.model, tok.encode, lambda ids: tok.decode(ids, skip_special_tokens=True),
                    prefix_id=prefix, bos_id=lm.bos_id, add_bos=lm.add_bos,
                    stop_ids=set(lm.eos_ids) | ({eot} if eot is not None else set()),
-                   batch_size=batch_size)
+                   batch_size=batch_size, compile=compile)
 
     # ------------------------------------------------------------------ tokenisation
     def context_ids(self, context: str) -> list[int]:
@@ -272,12 +274,20 @@ class Scorer:
                        progress: Callable[[int], None] | None = None) -> list[str]:
         """Greedy continuations of `contexts`, batched; a row ends at a stop string (cut
         off), an end-of-text token, `done(text)`, or after max_new_tokens."""
-        outs: list[str] = [""] * len(contexts)
-        order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
+        return self.generate_ids_until([self.context_ids(c) for c in contexts], stop=stop,
+                                       max_new_tokens=max_new_tokens, done=done, progress=progress)
+
+    @torch.inference_mode()
+    def generate_ids_until(self, prompts: Sequence[list[int]], *, stop: Sequence[str] = (),
+                           max_new_tokens: int = 32, done: Callable[[str], bool] | None = None,
+                           progress: Callable[[int], None] | None = None) -> list[str]:
+        """`generate_until` for prompts already tokenised (BOS included where wanted);
+        prompts of similar length share a batch."""
+        outs: list[str] = [""] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         for a in range(0, len(order), self.batch_size):
             idx = order[a:a + self.batch_size]
-            texts = self._greedy_batch([self.context_ids(contexts[i]) for i in idx], stop,
-                                       max_new_tokens, done)
+            texts = self._greedy_batch([list(prompts[i]) for i in idx], stop, max_new_tokens, done)
             for i, t in zip(idx, texts):
                 outs[i] = t
             if progress:
@@ -292,8 +302,10 @@ class Scorer:
                              f"{self.context}; use fewer shots")
         n_new = min(max_new_tokens, self.context - P)
         tokens, pad = self._left_pad(prompts)
-        cache = self.model.new_cache(B, P + n_new)
-        key_mask = torch.arange(P + n_new, device=dev)[None, :] >= pad[:, None]  # (B, S)
+        S = cache_slots(self.model, P + n_new, self.compile)
+        cache = self.model.new_cache(B, S)
+        key_mask = torch.arange(S, device=dev)[None, :] >= pad[:, None]  # (B, S)
+        decode = decode_step(self.model, self.compile, B, S)
         any_pad = bool((pad > 0).any())
         logits = self.model(tokens, cache=cache, positions=self._positions(pad, 0, P),
                             pad_mask=key_mask[:, :P] if any_pad else None, last_only=True)[:, -1]
@@ -317,9 +329,8 @@ class Scorer:
                     finished[r] = True
             if all(finished) or step == n_new - 1:
                 break
-            logits = self.model(nxt[:, None], cache=cache, positions=self._positions(pad, P + step, 1),
-                                pad_mask=key_mask[:, :P + step + 1] if any_pad else None,
-                                last_only=True)[:, -1]
+            logits = decode(nxt[:, None], self._positions(pad, P + step, 1),
+                            key_mask if any_pad else None, cache)
         return texts
 
     @torch.inference_mode()
