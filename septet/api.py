@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -171,8 +170,10 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device
 
     `quant` "int8" / "int4" replaces the linear layers (and a tied head) by weight-only
     quantised ones (septet.quant; int4 groups of `group_size` inputs); the model is then
-    inference-only."""
-    from .checkpoints.convert import load_any
+    inference-only. A checkpoint is quantised while it is read (`quant.QuantizeOnLoad`):
+    each block is quantised as soon as its weights are in, so the float model never
+    exists whole; the result is the same as quantising the loaded float model."""
+    from .checkpoints.convert import build_on_meta, load_any
 
     dtype = _dtype(dtype)
     text = str(name_or_path)
@@ -180,22 +181,34 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device
         model = build(get_preset(text).config).to(device=device, dtype=dtype).eval()
         return _quantized(LoadedModel(model, None, None, name=text), quant, group_size)
     p = model_path(text)
-    loaded = load_any(p, dtype=dtype)
-    with torch.device("meta"):
-        model = build(loaded.config)
-    try:
-        model.load_state_dict(loaded.state_dict, strict=True, assign=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "mismatch"
-        raise CheckpointError(f"{loaded.source}: weights do not match the config ({first})") from None
-    # the model now owns the tensors; without the dict's references, quantisation below can
-    # free each float weight as soon as its quantised copy exists (peak memory)
-    loaded.state_dict.clear()
-    model = model.to(device=device, dtype=dtype).eval()
-    lm = LoadedModel(model, loaded.tokenizer, Path(loaded.source), name=p.name,
-                     chat_template=loaded.chat_template, bos_id=loaded.bos_id,
-                     eos_ids=tuple(loaded.eos_ids), add_bos=loaded.add_bos)
-    return _quantized(lm, quant, group_size)
+    if quant:
+        from .quant import QuantizeOnLoad
+
+        if torch.device(device).type != "cpu":
+            raise ConfigError(f"--quant {quant} uses PyTorch's CPU kernels; load the model on the CPU")
+        hook: list[QuantizeOnLoad] = []
+
+        def sink(config):
+            hook.append(QuantizeOnLoad(build_on_meta(config), quant, group_size=group_size,
+                                       dtype=dtype, source=str(p)))
+            return hook[0]
+
+        loaded = load_any(p, dtype=dtype, sink=sink)
+        model = hook[0].finish().eval()
+        _release_freed_memory()
+    else:
+        loaded = load_any(p, dtype=dtype)
+        model = build_on_meta(loaded.config)
+        try:
+            model.load_state_dict(loaded.state_dict, strict=True, assign=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "mismatch"
+            raise CheckpointError(f"{loaded.source}: weights do not match the config ({first})") from None
+        loaded.state_dict.clear()  # the model owns the tensors now
+        model = model.to(device=device, dtype=dtype).eval()
+    return LoadedModel(model, loaded.tokenizer, Path(loaded.source), name=p.name,
+                       chat_template=loaded.chat_template, bos_id=loaded.bos_id,
+                       eos_ids=tuple(loaded.eos_ids), add_bos=loaded.add_bos)
 
 
 def _quantized(lm: LoadedModel, quant: str | None, group_size: int) -> LoadedModel:
@@ -211,14 +224,9 @@ def _release_freed_memory() -> None:
     """Hand the float weights freed by quantisation back to the OS. glibc keeps freed
     small-block heap memory for reuse, so without this the process keeps the RSS of the
     unquantised model (measured on SmolLM2 int4: 877 MB -> 521 MB)."""
-    import ctypes
-    import ctypes.util
     import gc
 
+    from .quant import malloc_trim
+
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if name and sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
-            pass
+    malloc_trim()

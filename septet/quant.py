@@ -8,19 +8,29 @@ activations in float and stores the matrices in 8 or 4 bits:
 - int4: asymmetric, a scale and a zero point per group of `group_size` inputs (the same
   scheme as GGUF's Q4_1, so a model read from a Q4_1 file re-quantises without loss at
   group 32); `aten._convert_weight_to_int4pack_for_cpu` packs the nibbles once, and
-  `aten._weight_int4pack_mm_for_cpu` multiplies.
+  `aten._weight_int4pack_mm_for_cpu` multiplies. The packed bytes are the only copy: the
+  prefill path expands them to bf16 itself (`Int4Linear.dequantize`).
 
 `quantize_model` swaps every nn.Linear (after `optimize_for_inference` has packed q/k/v
 and gate/up) for one of these, and gives a tied output head its own quantised copy of
 the embedding, leaving the embedding lookup itself exact.
+
+`QuantizeOnLoad` does the same while a checkpoint is read: it takes the tensors one at a
+time (`checkpoints.convert.load_any(..., sink=...)`) and quantises each transformer block
+as soon as its weights are in, so the whole float model never exists at once (peak
+memory); the result is the model `quantize_model` makes from the loaded float model.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
+from typing import Any
+
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -38,7 +48,8 @@ def _check_ops(mode: str) -> None:
 # (AMX) wins by ~10x. So activations run through these layers in bf16.
 COMPUTE_DTYPE = torch.bfloat16
 DEQUANT_MIN_ROWS = 32
-_ROWS_PER_BLOCK = 4096
+# quantise big matrices this many rows at a time: fp32 temporaries stay ~2 MB at d=576
+_ROWS_PER_BLOCK = 1024
 
 
 class _QuantLinear(nn.Module):
@@ -74,18 +85,20 @@ class Int8Linear(_QuantLinear):
         self.out_features, self.in_features = weight.shape
         q = torch.empty(weight.shape, dtype=torch.int8)
         scale = torch.empty(weight.shape[0])
-        # in row blocks: a whole fp32 copy of a 49k x 576 head would briefly cost ~0.3 GB
+        # in row blocks (_ROWS_PER_BLOCK): a whole fp32 copy of a 49k x 576 head would
+        # briefly cost ~0.3 GB
         for r in range(0, weight.shape[0], _ROWS_PER_BLOCK):
             w = weight[r:r + _ROWS_PER_BLOCK].detach().float()
-            s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (rows,)
-            q[r:r + _ROWS_PER_BLOCK] = torch.round(w / s[:, None]).clamp(-127, 127)
+            s = (torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_()) / 127.0).clamp_(min=1e-12)  # max |w|
+            q[r:r + _ROWS_PER_BLOCK] = w.div(s[:, None]).round_().clamp_(-127, 127)
             scale[r:r + _ROWS_PER_BLOCK] = s
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale.to(COMPUTE_DTYPE))
         self.register_buffer("bias", None if bias is None else bias.detach().to(COMPUTE_DTYPE))
 
     def dequantize(self) -> torch.Tensor:
-        return self.qweight.to(COMPUTE_DTYPE) * self.scale[:, None]
+        # int8 x bf16 promotes to bf16 in one pass (|q| <= 127 is exact in bf16)
+        return torch.mul(self.qweight, self.scale[:, None])
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
@@ -94,11 +107,61 @@ class Int8Linear(_QuantLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+def _unpack_int4(packed: torch.Tensor, N: int, K: int, bn: int, half: bool) -> torch.Tensor:
+    """The (N, K) int32 nibbles in `packed` (torch's CPU int4pack layout `bn`, `half`; see
+    `_int4_layout`). For tests and the layout probe; the forward pass never unpacks."""
+    out = torch.empty(K, N, dtype=torch.int32)
+    for n0, n1, size, h in _int4_segments(N, bn, half):
+        p = packed[n0:n1].reshape((n1 - n0) // size, K, size // 2).transpose(0, 1)  # (K, nb, size/2)
+        o = out[:, n0:n1].view(K, (n1 - n0) // size, *((2, size // 2) if h else (size // 2, 2)))
+        lo, hi = (o[:, :, 0], o[:, :, 1]) if h else (o[..., 0], o[..., 1])
+        lo.copy_(p & 15)
+        hi.copy_(p >> 4)
+    return out.t().contiguous()
+
+
+def _int4_segments(N: int, bn: int, half: bool) -> list[tuple[int, int, int, bool]]:
+    """Row ranges of one packing pattern: (n0, n1, block rows, half). Full blocks of `bn`
+    rows, then one shorter block that torch always packs in row pairs."""
+    full = N // bn * bn
+    segs = [(0, full, bn, half)] if full else []
+    if N > full:
+        segs.append((full, N, N - full, False))
+    return segs
+
+
+@functools.lru_cache(maxsize=None)
+def _int4_layout() -> tuple[int, bool] | None:
+    """How `aten._convert_weight_to_int4pack_for_cpu` lays out nibbles on this machine.
+
+    It depends on the CPU kernels torch dispatches to (AVX-512, AVX2, plain): rows go in
+    blocks of `bn` (64 / 32 / ...); block b keeps, for each input k, bn/2 bytes whose byte j
+    holds rows (j, j + bn/2) as (low, high) nibble when `half`, rows (2j, 2j+1) otherwise;
+    a last block shorter than bn always uses row pairs. Probed once by packing a random
+    matrix; None when no known layout reproduces it (Int4Linear then keeps its own
+    plain copy of the nibbles for the prefill path)."""
+    g = torch.Generator().manual_seed(0)
+    for bn in (64, 32, 16):
+        N, K = 2 * bn + 16, 64  # two full blocks and a short one
+        q = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=g)
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        except (RuntimeError, AttributeError):
+            return None
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != (N, K // 2):
+            return None
+        for half in (True, False):
+            if torch.equal(_unpack_int4(packed, N, K, bn, half), q):
+                return bn, half
+    return None
+
+
 class Int4Linear(_QuantLinear):
     """y = x · Wᵀ + b with W[n, g·G:(g+1)·G] = q · scale[g, n] + min[g, n], q in 0..15.
 
-    Holds the nibbles twice: packed for torch's kernel (few rows) and plainly, two per
-    byte, for a fast dequantisation when many rows come (prefill)."""
+    Keeps the nibbles once, packed for torch's kernel (few rows). For many rows (prefill)
+    `dequantize` expands that same packed form to a bf16 weight: the packing is only a
+    fixed interleave of rows (`_int4_layout`), so no second, plain copy is needed."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32):
         super().__init__()
@@ -106,31 +169,68 @@ class Int4Linear(_QuantLinear):
         if group_size not in INT4_GROUP_SIZES:
             raise ConfigError(f"int4 group size {group_size} is not supported; use one of "
                               f"{', '.join(map(str, INT4_GROUP_SIZES))}")
-        if K % group_size or N % 8:
+        if K % group_size or N % 16:
             raise ConfigError(f"int4 needs in_features divisible by the group size {group_size} "
-                              f"and out_features by 8; a ({N}, {K}) weight is not; use int8 or "
+                              f"and out_features by 16; a ({N}, {K}) weight is not; use int8 or "
                               "another group size")
         self.out_features, self.in_features, self.group_size = N, K, group_size
-        w = weight.detach().float().view(N, K // group_size, group_size)
-        lo, hi = w.amin(-1), w.amax(-1)  # (N, G)
-        scale = ((hi - lo) / 15.0).clamp(min=1e-12)
-        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(N, K)
-        # torch's kernel computes (q − 8)·scale + zero, so its zero is the group's midpoint
-        zero = lo + 8.0 * scale
-        sz = torch.stack((scale.t(), zero.t()), dim=-1).to(COMPUTE_DTYPE)  # (G, N, 2)
-        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        self.register_buffer("scales_zeros", sz.contiguous())
-        q8 = q.to(torch.uint8)
-        self.register_buffer("nibbles", (q8[:, 0::2] | (q8[:, 1::2] << 4)).contiguous())  # (N, K/2)
+        self._layout = _int4_layout()
+        packed = torch.empty(N, K // 2, dtype=torch.uint8)
+        sz = torch.empty(K // group_size, N, 2, dtype=COMPUTE_DTYPE)
+        plain = None if self._layout is not None else torch.empty(N, K // 2, dtype=torch.uint8)
+        # in row blocks (a multiple of every packing block, so the bytes are those of one
+        # call on the whole matrix): a 4-bit 49k x 576 head would otherwise briefly hold
+        # ~0.3 GB of fp32 and int32 temporaries
+        for r in range(0, N, _ROWS_PER_BLOCK):
+            rows = slice(r, min(N, r + _ROWS_PER_BLOCK))
+            w = weight[rows].detach().float().view(-1, K // group_size, group_size)
+            lo, hi = w.amin(-1), w.amax(-1)  # (n, G)
+            scale = ((hi - lo) / 15.0).clamp_(min=1e-12)
+            q = w.sub(lo[..., None]).div_(scale[..., None]).round_().clamp_(0, 15)
+            q = q.to(torch.int32).view(-1, K)
+            del w
+            packed[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            # torch's kernel computes (q − 8)·scale + zero, so its zero is the group's midpoint
+            sz[:, rows, 0] = scale.t().to(COMPUTE_DTYPE)
+            sz[:, rows, 1] = (lo + 8.0 * scale).t().to(COMPUTE_DTYPE)
+            if plain is not None:
+                q8 = q.to(torch.uint8)
+                plain[rows] = q8[:, 0::2] | (q8[:, 1::2] << 4)
+        self.register_buffer("qweight", packed)
+        self.register_buffer("scales_zeros", sz)
+        if plain is not None:
+            self.register_buffer("nibbles", plain)  # (N, K/2), low nibble first
         self.register_buffer("bias", None if bias is None else bias.detach().to(COMPUTE_DTYPE))
 
     def dequantize(self) -> torch.Tensor:
+        """(N, K) bf16, as a transposed view of a (K, N) matrix: expanding the packed
+        nibbles along N keeps their runs contiguous, and the scales broadcast over inputs.
+        Each weight is (q − 8)·scale + zero in fp32, rounded once to bf16, as the kernel
+        computes it."""
         N, K, G = self.out_features, self.in_features, self.group_size
-        b = self.nibbles
-        q = torch.stack((b & 15, b >> 4), dim=-1).view(N, K // G, G).to(COMPUTE_DTYPE)
-        scale = self.scales_zeros[..., 0].t()[..., None]  # (N, K/G, 1)
-        zero = self.scales_zeros[..., 1].t()[..., None]
-        return ((q - 8) * scale + zero).view(N, K)
+        # (K/G, N) each, contiguous (strided operands make addcmul ~2x slower)
+        scale = self.scales_zeros[..., 0].float()
+        low = self.scales_zeros[..., 1].float() - 8.0 * scale  # the weight at q = 0
+        if self._layout is None:
+            b = self.nibbles
+            q = torch.stack((b & 15, b >> 4), dim=-1).view(N, K // G, G)
+            out = torch.empty(N, K // G, G, dtype=COMPUTE_DTYPE)
+            torch.addcmul(low.t()[..., None], q, scale.t()[..., None], out=out)
+            return out.view(N, K)
+        bn, half = self._layout
+        out = torch.empty(K, N, dtype=COMPUTE_DTYPE)
+        for n0, n1, size, h in _int4_segments(N, bn, half):
+            nb = (n1 - n0) // size
+            # packed rows n0..n1 are nb blocks of (K, size/2) bytes
+            p = self.qweight[n0:n1].reshape(nb, K // G, G, size // 2).permute(1, 2, 0, 3)
+            split = (nb, 2, size // 2) if h else (nb, size // 2, 2)
+            o = out[:, n0:n1].view(K // G, G, *split)
+            s = scale[:, n0:n1].reshape(K // G, 1, *split)
+            z = low[:, n0:n1].reshape(K // G, 1, *split)
+            for nib, q in enumerate((p & 15, p >> 4)):
+                pick = (slice(None),) * 3 + ((nib, slice(None)) if h else (slice(None), nib))
+                torch.addcmul(z[pick], q, s[pick], out=o[pick])
+        return out.t()
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size,
@@ -155,6 +255,39 @@ def quantize_linear(layer: nn.Linear | torch.Tensor, mode: str, group_size: int 
     return Int4Linear(weight, bias, group_size=group_size)
 
 
+def _check_modes(mode: str, head: str | None) -> str:
+    """The head's mode, after checking both modes and that torch has their kernels."""
+    head_mode = head or mode
+    if mode not in MODES:
+        raise ConfigError(f"quantisation {mode!r} is not one of {', '.join(MODES)}")
+    if head_mode not in MODES:
+        raise ConfigError(f"head quantisation {head_mode!r} is not one of {', '.join(MODES)}")
+    _check_ops(mode)
+    _check_ops(head_mode)
+    return head_mode
+
+
+def _quantize_linears(model: nn.Module, root: nn.Module, mode: str, head_mode: str,
+                      group_size: int) -> None:
+    """Replace every nn.Linear inside `root` (a part of `model`) by its quantised form; the
+    model's own `lm_head` gets `head_mode`."""
+    # names, not modules: holding every float layer until the loop ends would keep the
+    # whole unquantised part alive next to the quantised one (peak memory)
+    targets = [(parent, name) for parent in root.modules()
+               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    for parent, name in targets:
+        m = head_mode if parent is model and name == "lm_head" else mode
+        setattr(parent, name, quantize_linear(getattr(parent, name), m, group_size))
+
+
+def _quantize_tied_head(model: nn.Module, head_mode: str, group_size: int) -> None:
+    """A tied head: quantise a copy of the embedding for the output matmul only."""
+    if getattr(model, "lm_head", None) is None and hasattr(model, "tok_emb"):
+        w = model.tok_emb.weight.detach()
+        scale = model.config.d_model ** -0.5 if model.config.family == "palm" else 1.0
+        model.quant_head = quantize_linear(w * scale if scale != 1.0 else w, head_mode, group_size)
+
+
 def quantize_model(model: nn.Module, mode: str, *, group_size: int = 32,
                    head: str | None = "int8") -> nn.Module:
     """Replace the model's linear layers (and a tied head) by weight-only `mode` layers, in place.
@@ -164,32 +297,173 @@ def quantize_model(model: nn.Module, mode: str, *, group_size: int = 32,
     agreement with fp32 for ~0.7 ms a token. None: the same as `mode`.
     The model becomes inference-only (its state_dict changes). Returns the model.
     """
-    head_mode = head or mode
-    if head_mode not in MODES:
-        raise ConfigError(f"head quantisation {head_mode!r} is not one of {', '.join(MODES)}")
+    head_mode = _check_modes(mode, head)
     from .generate import optimize_for_inference
 
-    if mode not in MODES:
-        raise ConfigError(f"quantisation {mode!r} is not one of {', '.join(MODES)}")
-    _check_ops(mode)
     optimize_for_inference(model)
     p = next(model.parameters())
     if p.device.type != "cpu":
         raise ConfigError(f"--quant {mode} uses PyTorch's CPU kernels; load the model on the CPU")
-    # names, not modules: holding every float layer until the loop ends would keep the
-    # whole unquantised model alive next to the quantised one (peak memory)
-    targets = [(parent, name) for parent in model.modules()
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    for parent, name in targets:
-        m = head_mode if parent is model and name == "lm_head" else mode
-        setattr(parent, name, quantize_linear(getattr(parent, name), m, group_size))
-    if getattr(model, "lm_head", None) is None and hasattr(model, "tok_emb"):
-        # a tied head: quantise a copy of the embedding for the output matmul only
-        w = model.tok_emb.weight.detach()
-        scale = model.config.d_model ** -0.5 if model.config.family == "palm" else 1.0
-        model.quant_head = quantize_linear(w * scale if scale != 1.0 else w, head_mode, group_size)
+    _quantize_linears(model, model, mode, head_mode, group_size)
+    _quantize_tied_head(model, head_mode, group_size)
     model._quant = mode
     return model
 
 
-__all__ = ["Int8Linear", "Int4Linear", "quantize_linear", "quantize_model", "MODES"]
+class QuantizeOnLoad:
+    """Quantise a model while its checkpoint streams in, one tensor at a time.
+
+        model = build(config) on the meta device
+        put = QuantizeOnLoad(model, "int4")
+        for name, tensor in checkpoint: put(name, tensor)   # names of model.state_dict()
+        put.finish()   # the model, as quantize_model(float model, "int4") would leave it
+
+    The tensors are grouped in units: each element of an outermost ModuleList / ModuleDict
+    (a transformer block), else the module that holds them (the embedding, the final norm,
+    an untied head). When a unit's last tensor arrives it is loaded (`assign`: the
+    checkpoint's tensors are used without copies), its q/k/v and gate/up are packed as
+    `generate.optimize_for_inference` packs them and its linear layers are quantised, so
+    only the float weights of units still being read are alive. Tensors that are not
+    quantised (embedding, norms) stay as given, cast to `dtype`. Quantisation works per
+    output row (int8) or per row and group (int4), so packing before or after it gives
+    the same bytes: the result equals the quantise-after-load model. (A unit that holds
+    other units, such as a tensor of the model itself, is only loaded, and quantised with
+    whatever is left at `finish`.)
+    """
+
+    def __init__(self, model: nn.Module, mode: str, *, group_size: int = 32,
+                 head: str | None = "int8", dtype: torch.dtype | None = None, source: str = ""):
+        self.head_mode = _check_modes(mode, head)
+        self.model, self.mode, self.group_size, self.dtype = model, mode, group_size, dtype
+        self.source = source or "checkpoint"
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._unit_of: dict[str, str] = {}
+        self._missing: dict[str, set[str]] = {}  # unit -> keys still to come
+        self._got: dict[str, dict[str, torch.Tensor]] = {}
+        self._untrimmed = 0  # bytes of float weights quantised since the last malloc_trim
+        for key, t in model.state_dict(keep_vars=True).items():
+            unit = _unit_name(model, key)
+            self._shapes[key] = tuple(t.shape)
+            self._unit_of[key] = unit
+            self._missing.setdefault(unit, set()).add(key)
+        # a unit is quantised when complete only if no other unit's tensors live inside it
+        self._whole = {u for u in self._missing
+                       if all(self._unit_of[k] == u for k in self._unit_of if _inside(k, u))}
+
+    def _error(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.source}: weights do not match the config ({what})")
+
+    def __call__(self, key: str, tensor: torch.Tensor) -> None:
+        unit = self._unit_of.get(key)
+        if unit is None:
+            raise self._error(f"unexpected key '{key}'")
+        if key not in self._missing.get(unit, ()):
+            raise self._error(f"'{key}' given twice")
+        if tuple(tensor.shape) != self._shapes[key]:
+            raise self._error(f"'{key}' has shape {list(tensor.shape)}, the model expects "
+                              f"{list(self._shapes[key])}")
+        if tensor.device.type != "cpu":
+            raise ConfigError(f"--quant {self.mode} uses PyTorch's CPU kernels; load the model on the CPU")
+        if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
+            tensor = tensor.to(self.dtype)
+        self._got.setdefault(unit, {})[key] = tensor
+        self._missing[unit].discard(key)
+        if not self._missing[unit]:
+            del self._missing[unit]
+            tensors = self._got.pop(unit)
+            self._untrimmed += sum(t.numel() * t.element_size() for t in tensors.values())
+            self._finish_unit(unit, tensors)
+            del tensors
+            if self._untrimmed >= _TRIM_EVERY:
+                # give the unit's freed temporaries back now: glibc keeps freed heap memory
+                # (and raises its mmap threshold after big frees), so without this the
+                # garbage of every unit adds up until the load ends (~90 MB on SmolLM2)
+                malloc_trim()
+                self._untrimmed = 0
+
+    def _finish_unit(self, unit: str, tensors: dict[str, torch.Tensor]) -> None:
+        from .generate import optimize_for_inference
+
+        module = self.model.get_submodule(unit)
+        n = len(unit) + 1 if unit else 0
+        bad = module.load_state_dict({k[n:]: v for k, v in tensors.items()}, strict=False,
+                                     assign=True).unexpected_keys
+        assert not bad, bad  # keys were checked against this very model
+        tensors.clear()
+        if unit not in self._whole:
+            return  # finish() quantises it, once what lives inside it is loaded too
+        if isinstance(module, nn.Linear):  # a linear that is a unit of its own (an untied head)
+            parent_name, _, name = unit.rpartition(".")
+            parent = self.model.get_submodule(parent_name)
+            mode = self.head_mode if parent is self.model and name == "lm_head" else self.mode
+            setattr(parent, name, quantize_linear(module, mode, self.group_size))
+            return
+        optimize_for_inference(module)  # packs this unit's q/k/v and gate/up
+        module.__dict__.pop("_inference_ready", None)  # the model's flag, set by finish()
+        _quantize_linears(self.model, module, self.mode, self.head_mode, self.group_size)
+        if module is getattr(self.model, "tok_emb", None):
+            _quantize_tied_head(self.model, self.head_mode, self.group_size)
+
+    def finish(self) -> nn.Module:
+        """The quantised model, once every tensor has been given."""
+        from .generate import optimize_for_inference
+
+        if self._missing:
+            keys = sorted(k for ks in self._missing.values() for k in ks)
+            raise self._error(f"missing '{keys[0]}' and {len(keys) - 1} more" if len(keys) > 1
+                              else f"missing '{keys[0]}'")
+        model = self.model
+        # packs and quantises whatever no unit did (nothing, for a stack of blocks), and
+        # sets the model's inference flags
+        optimize_for_inference(model)
+        _quantize_linears(model, model, self.mode, self.head_mode, self.group_size)
+        if model._modules.get("quant_head") is None:
+            _quantize_tied_head(model, self.head_mode, self.group_size)
+        model._quant = self.mode
+        return model
+
+
+def _inside(key: str, unit: str) -> bool:
+    return not unit or key.startswith(unit + ".")
+
+
+def _unit_name(model: nn.Module, key: str) -> str:
+    """The unit a state-dict key belongs to: the path to the element of the outermost
+    ModuleList / ModuleDict on the way (a block), else to the module holding the tensor."""
+    parts = key.split(".")
+    mod: Any = model
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
+            return ".".join(parts[:i + 1])
+        mod = mod._modules.get(part)
+        if mod is None:
+            break
+    return ".".join(parts[:-1])
+
+
+_TRIM_EVERY = 16 << 20
+
+
+def malloc_trim() -> None:
+    """Return the C heap's free memory to the OS (glibc; a no-op elsewhere). ~1 ms."""
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = False
+        if sys.platform.startswith("linux"):
+            import ctypes
+            import ctypes.util
+
+            name = ctypes.util.find_library("c")
+            try:
+                lib = ctypes.CDLL(name) if name else None
+                _LIBC = lib.malloc_trim if lib is not None else False
+            except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+                _LIBC = False
+    if _LIBC:
+        _LIBC(0)
+
+
+_LIBC: Any = None
+
+
+__all__ = ["Int8Linear", "Int4Linear", "QuantizeOnLoad", "quantize_linear", "quantize_model", "MODES"]

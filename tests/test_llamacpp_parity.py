@@ -16,6 +16,12 @@ against activations it quantizes to 8 bits (Q8_1) on the fly. Positions whose to
 are within that error flip, so ~95% is what an exact fp32 implementation gets; transformers
 is the independent fp32 implementation that calibrates it. See MARGIN below for the slack.
 
+(d) the same protocol for the quantised setting `septet.load(path, quant="int4")` (int4
+    linear layers, int8 head, bf16 activations): the full-sequence forward (the prefill
+    path) and the compiled one-token decode step fed the same tokens (int4+compile, the
+    kernels `generate` uses per token) each keep top-1 agreement >= INT4_FLOOR and a mean
+    |Δ log-prob| <= INT4_MAX_MEAN_ABS_LOGPROB against llama.cpp on the original Q4_1 file.
+
 `pytest -s -m slow tests/test_llamacpp_parity.py` prints the numbers. Runs in ~1 minute on
 an idle 2-core CPU (most of it loading transformers' GGUF reader).
 
@@ -68,6 +74,14 @@ MARGIN = 0.01
 FLOOR = 0.90  # the issue expects ~95%; below 90% something is wrong whatever transformers says
 MAX_MEAN_ABS_LOGPROB = 0.1
 MIN_POSITIONS = 500
+# (d) int4: re-quantising Q4_1 at group 32 is nearly exact, but the head is re-quantised
+# per row to int8 from Q8_0 blocks and activations run in bf16. Measured on the 2-core dev
+# box (torch 2.13, llama-cpp-python 0.3.36; fp32 there: 0.953 / 0.050): prefill 0.919 /
+# 0.068, int4+compile decode 0.918 / 0.069. The bounds leave ~3 points (~30 positions) and
+# 2x for other CPUs' kernels; a real defect (a wrong nibble order, scale or zero) costs far
+# more.
+INT4_FLOOR = 0.88
+INT4_MAX_MEAN_ABS_LOGPROB = 0.15
 
 ENGLISH = (
     "The lighthouse keeper had not spoken to another person in eleven weeks. Every morning he "
@@ -245,6 +259,49 @@ def test_top_token_logprob_matches_llamacpp(logits):
           f"p95 {d.quantile(0.95):.4f}, max {d.max():.4f} over {d.numel()} positions "
           f"(transformers: mean {dh.mean():.4f})")
     assert d.mean().item() <= MAX_MEAN_ABS_LOGPROB
+
+
+@pytest.fixture(scope="module")
+def int4_logits(smol_path, logits):
+    """name -> (llama.cpp log-probs, int4 prefill log-probs, int4+compile decode log-probs)."""
+    import septet
+    from septet.generate import decode_step
+
+    lm4 = septet.load(str(smol_path), quant="int4")
+    model = lm4.model
+    slots = max(len(ids) for ids, *_ in logits.values())
+    step = decode_step(model, True, 1, slots)  # one compiled graph for every text
+    out = {}
+    with torch.inference_mode():
+        for name, (ids, _, theirs, _) in logits.items():
+            x = torch.tensor([ids])
+            prefill = model(x)[0].double()
+            cache = model.new_cache(1, slots)
+            rows = [model(x[:, :1], cache=cache)[0, -1]]  # position 0, then one token a step
+            for t in range(1, len(ids)):
+                rows.append(step(x[:, t:t + 1], torch.tensor([[t]]), None, cache)[0])
+            decode = torch.stack(rows).double()
+            out[name] = (theirs, prefill.log_softmax(-1), decode.log_softmax(-1))
+    return out
+
+
+def test_int4_parity_with_llamacpp(int4_logits):
+    lines = []
+    for i, setting in ((1, "int4 (prefill path)"), (2, "int4+compile (decode step)")):
+        agree = n = 0
+        diffs = []
+        for theirs, *ours in int4_logits.values():
+            top = theirs.argmax(-1, keepdim=True)
+            agree += (ours[i - 1].argmax(-1) == top[:, 0]).sum().item()
+            n += top.shape[0]
+            diffs.append((ours[i - 1].gather(-1, top) - theirs.gather(-1, top)).abs().flatten())
+        d = torch.cat(diffs)
+        lines.append((setting, agree / n, d.mean().item(), d.quantile(0.95).item(), n))
+    print("\n(d) " + "\n    ".join(f"{s:28s} top-1 agreement with llama.cpp {a:.4f}, |Δ log p| mean {m:.4f} "
+                                    f"p95 {p:.4f} over {n} positions" for s, a, m, p, n in lines))
+    for setting, agree, mean, _, _ in lines:
+        assert agree >= INT4_FLOOR, (setting, agree)
+        assert mean <= INT4_MAX_MEAN_ABS_LOGPROB, (setting, mean)
 
 
 def _llamacpp_greedy(llm, ids: list[int], n: int) -> list[int]:

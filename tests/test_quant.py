@@ -58,6 +58,28 @@ def test_int4_linear_error_within_scales(group, rows):
     assert ((dq - w).abs() <= step / 2 + 3 * BF16_EPS * (w.abs() + step)).all()
 
 
+@pytest.mark.parametrize("N", [64, 96, 80, 16, 1024 + 48])  # full packing blocks, a shorter last one
+def test_int4_keeps_one_packed_copy_and_dequantizes_it_exactly(monkeypatch, N):
+    """The prefill weight is expanded from torch's own packed nibbles (no second copy):
+    each weight is (q - 8)·scale + zero in fp32, rounded once to bf16. Packing in row
+    blocks gives the bytes of one whole-matrix call."""
+    from septet import quant
+
+    monkeypatch.setattr(quant, "_ROWS_PER_BLOCK", 128)
+    K, G = 64, 32
+    w, _ = _weight(N, K)
+    layer = Int4Linear(w, group_size=G)
+    assert [name for name, _ in layer.named_buffers()] == ["qweight", "scales_zeros"]
+    wg = w.view(N, K // G, G)
+    lo = wg.amin(-1)
+    scale = ((wg.amax(-1) - lo) / 15).clamp(min=1e-12)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(N, K)
+    assert torch.equal(layer.qweight, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+    s, z = (layer.scales_zeros[..., i].float().t()[..., None] for i in (0, 1))
+    expect = ((q.view(N, K // G, G) - 8) * s + z).view(N, K).to(torch.bfloat16)
+    assert torch.equal(layer.dequantize(), expect)
+
+
 def test_bias_and_batch_shapes_pass_through():
     lin = nn.Linear(64, 32)
     x = torch.randn(2, 3, 64)
@@ -71,6 +93,8 @@ def test_bias_and_batch_shapes_pass_through():
 def test_unsupported_shapes_are_clear_errors():
     with pytest.raises(ConfigError, match="group size"):
         Int4Linear(torch.randn(16, 100), group_size=32)
+    with pytest.raises(ConfigError, match="out_features by 16"):  # torch's packing needs it
+        Int4Linear(torch.randn(24, 64), group_size=32)
     with pytest.raises(ConfigError, match="not supported"):
         Int4Linear(torch.randn(16, 96), group_size=48)
     with pytest.raises(ConfigError, match="int8|int4"):
