@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from septet.nn import attention as attn_mod
 from septet.nn.attention import (Attention, AttnContext, KVCache, attend, band_mask,
-                                 banded_attention)
+                                 banded_attention, dense_band_limit)
 from septet.nn.mlp import GeGLU, GeluMLP, SquaredReLU, SwiGLU, llama_ffn_dim
 from septet.nn.moe import MoE
 from septet.nn.norms import LayerNorm, RMSNorm
@@ -263,6 +263,12 @@ def test_banded_attention_never_builds_txt(monkeypatch):
     calls.clear()
     attend(q, k, v, window=w)
     assert calls and all(ks[-2] == 2 * w for _, ks in calls)
+    # a short sequence (T <= limit x window) takes one masked dense call, with the same result
+    calls.clear()
+    short = dense_band_limit(q.dtype) * w
+    y = attend(q[:, :, :short], k[:, :, :short], v[:, :, :short], window=w)
+    assert [ks[-2] for _, ks in calls] == [short]
+    torch.testing.assert_close(y, banded_attention(q[:, :, :short], k[:, :, :short], v[:, :, :short], w))
 
 
 @pytest.mark.parametrize("n_kv", [2, 1])
