@@ -1,5 +1,6 @@
-"""Weight-only int8 / int4 layers: error within what the scales allow, the tiny model still
-agrees with fp32, and the real model still answers."""
+"""Weight-only int8 / int4 layers: error within what the scales allow, the refined head's top
+logits exact in fp32, the tiny model still agrees with fp32, and the real model still
+answers."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from septet.config import get_preset
 from septet.errors import ConfigError
 from septet.generate import Sampling, generate_ids
 from septet.models import build
-from septet.quant import Int4Linear, Int8Linear, quantize_linear, quantize_model
+from septet.quant import Int4Linear, Int8Linear, RefinedHead, quantize_linear, quantize_model
 
 BF16_EPS = 2.0 ** -8  # relative rounding of a bf16 number (activations, outputs)
 
@@ -120,7 +121,7 @@ def test_quantized_tiny_model_top1_agrees(mode, min_agree):
     ref = _tiny_model()
     q = quantize_model(_tiny_model(), mode)
     assert not any(isinstance(m, nn.Linear) for m in q.modules())
-    assert q.quant_head is not None  # the tied head has its own quantised copy
+    assert isinstance(q.quant_head, RefinedHead)  # the tied head has its own quantised copy
     toks = torch.randint(0, 512, (2, 100), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         a = ref(toks).argmax(-1)
@@ -132,6 +133,78 @@ def test_quantized_tiny_model_top1_agrees(mode, min_agree):
     # greedy generation runs through the quantised layers with a cache
     out = list(generate_ids(q, [1, 2, 3], Sampling(max_new_tokens=5, temperature=0)))
     assert len(out) == 5
+
+
+def _near_tie_head(V=512, C=64, seed=0):
+    """Rows whose logits tie to within the int8 head's error: an embedding where pairs of
+    tokens differ by a little noise, so x·w of the pair differs by ~1e-3."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(V // 2, C, generator=g)
+    w = torch.cat([base, base + 1e-3 * torch.randn(V // 2, C, generator=g)])
+    return nn.Embedding.from_pretrained(w), torch.randn(40, C, generator=g)
+
+
+@pytest.mark.parametrize("head", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_refined_head_recomputes_its_top_logits_in_fp32(head, dtype):
+    """The quantised head's best `top` logits per row are x·w in fp32 from the float
+    rows, so its argmax is the float head's even where the quantised logits tie or flip;
+    the rest stay the quantised ones. Logits are fp32 whatever the activations' dtype."""
+    emb, x = _near_tie_head()
+    emb = emb.to(dtype)
+    fast = quantize_linear(emb.weight, head)
+    refined = RefinedHead(fast, emb, top=8)
+    exact = x.to(dtype).float() @ emb.weight.float().t()
+    for rows in (3, 40):  # the kernel and the dequantised (prefill) path
+        xr = x[:rows].to(dtype)
+        y, y_fast = refined(xr), fast(xr).float()
+        assert y.dtype == torch.float32 and y.shape == (rows, 512)
+        top = y_fast.topk(8, dim=-1).indices
+        # fp32 (up to the summation order); the pairs differ by ~1e-3
+        torch.testing.assert_close(y.gather(-1, top), exact[:rows].gather(-1, top), rtol=1e-6, atol=1e-5)
+        rest = torch.ones_like(y, dtype=torch.bool).scatter_(-1, top, False)
+        assert torch.equal(y[rest], y_fast[rest])
+        assert torch.equal(y.argmax(-1), exact[:rows].argmax(-1))
+    # near-ties the quantised logits alone get wrong (the point of refining)
+    assert not torch.equal(fast(x.to(dtype)).float().argmax(-1), exact.argmax(-1))
+
+
+def test_refined_head_in_chunks_and_untied(monkeypatch):
+    """Many rows are refined a chunk at a time (same values); an untied int8 head refines
+    from its own int8 rows (exact arithmetic on the quantised weights)."""
+    from septet import quant
+
+    emb, x = _near_tie_head(seed=1)
+    fast = quantize_linear(emb.weight, "int8")
+    whole = RefinedHead(fast, emb, top=4)(x)
+    monkeypatch.setattr(quant, "_REFINE_CHUNK", 4 * 64 * 3)  # 3 rows at a time
+    assert torch.equal(RefinedHead(fast, emb, top=4)(x.view(2, 20, 64)), whole.view(2, 20, 512))
+    lin = nn.Linear(64, 512)
+    with torch.no_grad():
+        lin.weight.copy_(emb.weight)
+    fast = quantize_linear(lin, "int8")  # with a bias
+    own = RefinedHead(fast, None, top=4)
+    w8 = fast.qweight.float() * fast.scale.float()[:, None]
+    y, top = own(x[:5]), fast(x[:5]).float().topk(4, dim=-1).indices
+    want = x[:5] @ w8.t() + fast.bias.float()
+    torch.testing.assert_close(y.gather(-1, top), want.gather(-1, top), rtol=1e-6, atol=1e-5)
+    with pytest.raises(ConfigError, match="float rows"):
+        RefinedHead(quantize_linear(emb.weight, "int4"), None)
+
+
+def test_quantized_heads_refined_by_default():
+    """Tied: refined from the embedding itself (no copy, nothing new in the state dict);
+    untied int8: from its own rows; `refine=0` keeps the plain quantised head."""
+    m = quantize_model(_tiny_model(), "int4")
+    assert m.quant_head._rows[0] is m.tok_emb and m.quant_head.top == 64
+    assert {k for k in m.state_dict() if k.startswith("quant_head")} == {"quant_head.fast.qweight",
+                                                                          "quant_head.fast.scale"}
+    assert isinstance(quantize_model(_tiny_model(), "int4", refine=0).quant_head, Int8Linear)
+    torch.manual_seed(0)
+    cfg = get_preset("llama-tiny").config.replace(n_layer=1, vocab_size=512, tie_embeddings=False)
+    untied = quantize_model(build(cfg).eval(), "int8")
+    assert isinstance(untied.lm_head, RefinedHead) and untied.lm_head._rows[0] is None
+    assert isinstance(quantize_model(build(cfg).eval(), "int4", head="int4").lm_head, Int4Linear)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
