@@ -441,6 +441,8 @@ def _evaluate(lm, items: Sequence[Example], prompt_for: Callable[[Example, int],
         scorer = Scorer.from_loaded(lm, batch_size=batch, compile=compile)
         texts = scorer.generate_ids_until(prompts, stop=STOP, max_new_tokens=max_new_tokens,
                                           progress=progress)
+        # n_tokens: the tokens of the kept text (the batched decoder does not report how
+        # many it generated past a stop string); the one-at-a-time loop counts generated ids
         outputs = [CotOutput(text, len(tok.encode(text))) for text in texts]
     records = []
     for index, (item, k, gen) in enumerate(zip(chosen, used, outputs)):
