@@ -102,10 +102,14 @@ def septet_settings() -> list[dict]:
         out.append({"name": q, "dtype": "float32", "load": {"quant": q}})
         out.append({"name": f"bf16+{q}", "dtype": "bfloat16", "load": {"quant": q}})
     out += [{**s, "name": f"{s['name']}+compile", "sampling": {"compile": True}} for s in list(out)]
+    # the same quantised settings on torch's own int8/int4 kernels instead of septet's
+    out += [{**s, "name": f"{s['name']} (torch kernels)", "env": {"SEPTET_KERNELS": "0"}}
+            for s in list(out) if "load" in s and s["name"].endswith("+compile")]
     return out
 
 
 def _septet_child(spec: dict) -> dict:
+    os.environ.update(spec.get("env", {}))  # e.g. SEPTET_KERNELS=0: torch's int8/int4 kernels
     t0 = time.perf_counter()
     import torch
 

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from . import kernels
 from .models.base import DecoderLM
 from .nn.attention import Attention, KVCache
 
@@ -126,6 +127,8 @@ class StaticDecoder:
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
              cache: KVCache) -> torch.Tensor:
         if self._fn is None:
+            if tokens.device.type == "cpu":
+                kernels.enabled()  # decide (and build) before tracing: see kernels.enabled
             # dynamic=False: shapes never change between steps, so nothing is symbolic
             self._fn = torch.compile(_step, dynamic=False, fullgraph=True)
         if tokens.device.type == "cuda" and self.cuda_graphs:
@@ -138,7 +141,11 @@ class StaticDecoder:
             logits = graph(tokens, positions, key_mask, cache.pos)
         else:
             slot = torch.tensor([cache.pos], device=tokens.device)
-            logits = self._fn(self.model, tokens, positions, key_mask, cache.k, cache.v, slot)
+            # standard strides: a column sliced from a batch, (B, 1) with stride (T, 1), counts
+            # as contiguous but is a new guard, hence a recompilation, for every T
+            std = torch.contiguous_format
+            logits = self._fn(self.model, tokens.clone(memory_format=std), positions.clone(memory_format=std),
+                              key_mask, cache.k, cache.v, slot)
         cache.advance(1)
         return logits
 

@@ -35,6 +35,7 @@ memory); the result is the model `quantize_model` makes from the loaded float mo
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Any
 
@@ -110,6 +111,10 @@ class Int8Linear(_QuantLinear):
     def dequantize(self) -> torch.Tensor:
         # int8 x bf16 promotes to bf16 in one pass (|q| <= 127 is exact in bf16)
         return torch.mul(self.qweight, self.scale[:, None])
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Weight rows `idx` (...,) -> (..., K) fp32, exact (for a refined head)."""
+        return self.qweight[idx].float() * self.scale[idx].float()[..., None]
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
@@ -274,7 +279,7 @@ class RefinedHead(nn.Module):
     def __init__(self, fast: nn.Module, rows: nn.Embedding | None = None, *, scale: float = 1.0,
                  top: int = REFINE_TOP):
         super().__init__()
-        if rows is None and not isinstance(fast, Int8Linear):
+        if rows is None and not hasattr(fast, "rows"):
             raise ConfigError("a refined head needs float rows (a tied embedding) or an int8 head")
         self.fast, self.scale = fast, scale
         self.top = max(1, min(top, fast.out_features))
@@ -286,8 +291,7 @@ class RefinedHead(nn.Module):
         emb = self._rows[0]
         if emb is not None:
             return nn.functional.embedding(idx, emb.weight).float()
-        fast = self.fast
-        return fast.qweight[idx].float() * fast.scale[idx].float()[..., None]
+        return self.fast.rows(idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fast(x).float()
@@ -310,15 +314,34 @@ class RefinedHead(nn.Module):
         return f"top={self.top} recomputed in fp32 from the {src}"
 
 
+def septet_kernels(mode: str, group_size: int, in_features: int) -> bool:
+    """Whether a `mode` layer uses septet's own kernels (septet.kernels: Q4_1 / Q8_0 blocks of
+    32, int8 activations like llama.cpp, ~2x torch's kernels when decoding) rather than
+    torch's: when they build here, the blocks fit (int4 groups of 32) and SEPTET_KERNELS is
+    not 0 (which selects torch's kernels, e.g. to compare the two)."""
+    if os.environ.get("SEPTET_KERNELS", "1") == "0" or in_features % 32:
+        return False
+    if mode == "int4" and group_size != 32:
+        return False
+    from . import kernels
+
+    return kernels.available()
+
+
 def quantize_linear(layer: nn.Linear | torch.Tensor, mode: str, group_size: int = 32) -> nn.Module:
-    """An Int8Linear / Int4Linear computing what `layer` (or a bare (N, K) weight) does."""
+    """An int8 / int4 layer computing what `layer` (or a bare (N, K) weight) does: septet's
+    Q8Linear / Q4Linear where `septet_kernels` allows, else Int8Linear / Int4Linear."""
     if mode not in MODES:
         raise ConfigError(f"quantisation {mode!r} is not one of {', '.join(MODES)}")
-    _check_ops(mode)
     if isinstance(layer, nn.Linear):
         weight, bias = layer.weight, layer.bias
     else:
         weight, bias = layer, None
+    if septet_kernels(mode, group_size, weight.shape[1]):
+        from .kernels.linear import Q4Linear, Q8Linear
+
+        return Q8Linear(weight, bias) if mode == "int8" else Q4Linear(weight, bias)
+    _check_ops(mode)
     if mode == "int8":
         return Int8Linear(weight, bias)
     return Int4Linear(weight, bias, group_size=group_size)
@@ -331,8 +354,6 @@ def _check_modes(mode: str, head: str | None) -> str:
         raise ConfigError(f"quantisation {mode!r} is not one of {', '.join(MODES)}")
     if head_mode not in MODES:
         raise ConfigError(f"head quantisation {head_mode!r} is not one of {', '.join(MODES)}")
-    _check_ops(mode)
-    _check_ops(head_mode)
     return head_mode
 
 
@@ -340,7 +361,7 @@ def _quantize_head(layer: nn.Linear, head_mode: str, group_size: int, refine: in
     """An untied output head: quantised, and refined from its own int8 rows (see
     RefinedHead; an int4 head has no cheap float rows, so it is left as it is)."""
     fast = quantize_linear(layer, head_mode, group_size)
-    if refine and isinstance(fast, Int8Linear):
+    if refine and hasattr(fast, "rows"):  # int8 rows
         return RefinedHead(fast, None, top=refine)
     return fast
 

@@ -16,13 +16,14 @@ against activations it quantizes to 8 bits (Q8_1) on the fly. Positions whose to
 are within that error flip, so ~95% is what an exact fp32 implementation gets; transformers
 is the independent fp32 implementation that calibrates it. See MARGIN below for the slack.
 
-(d) the same two criteria as (b) and (c) for the quantised settings: septet's fastest,
-    `--quant int4 --dtype bf16 --compile` (int4 linear layers, the int8 head refined in
-    fp32, bf16 activations; the compiled one-token decode step `generate` uses, fed the same
-    tokens, and the full-sequence forward, the prefill path), and `quant="int4"` with fp32
-    activations between the layers (prefill): top-1 agreement no lower than transformers'
-    minus MARGIN, and mean |Δ log-prob| <= MAX_MEAN_ABS_LOGPROB, against llama.cpp on the
-    original Q4_1 file.
+(d) the quantised settings, against llama.cpp on the original Q4_1 file: `quant="int4"` with
+    fp32 activations, septet's fastest setting (`--quant int4 --compile`: septet's own Q4_1 /
+    Q8_0 kernels, which quantise activations to 8 bits per block as llama.cpp does), both
+    the full-sequence forward (the prefill path) and the compiled one-token decode step
+    `generate` uses, fed the same tokens: top-1 agreement no lower than transformers' (the
+    issue's criterion, no margin) and mean |Δ log-prob| <= MAX_MEAN_ABS_LOGPROB; and the
+    same with bf16 activations (bf16 prefill through dequantised bf16 weights), whose bf16
+    rounding costs a few near-ties: agreement no lower than transformers' minus MARGIN.
 
 `pytest -s -m slow tests/test_llamacpp_parity.py` prints the numbers. Runs in ~1 minute on
 an idle 2-core CPU (most of it loading transformers' GGUF reader).
@@ -77,15 +78,15 @@ FLOOR = 0.90  # the issue expects ~95%; below 90% something is wrong whatever tr
 MAX_MEAN_ABS_LOGPROB = 0.1
 MIN_POSITIONS = 500
 # (d) int4 (tools/int4_parity.py has the ablations): re-quantising Q4_1 at group 32 gives
-# back the file's nibbles exactly; scales and zeros rounded to bf16 and bf16 activations
-# and outputs cost the body ~0.4 points of top-1 on average, and the int8 head alone cost
-# 3.5 (its weights re-quantised per row from Q8_0 blocks, its logits rounded to bf16) until
-# it recomputed its top logits in fp32 (quant.RefinedHead). Measured on the 2-core dev box
-# (torch 2.13, llama-cpp-python 0.3.36; transformers 0.9530 / 0.0504): int4 prefill
-# 0.9530 / 0.054; bf16 activations: prefill 0.9493 / 0.057, compiled decode 0.9481 /
-# 0.054. Those 3-4 positions are near-ties: under a 1e-3 jitter of the embedding both
-# int4 settings average 0.949 and fp32 0.9526, so MARGIN covers them as in (b); an
-# unrefined head (0.918), a wrong nibble order, scale or zero fall far outside.
+# back the file's nibbles exactly. The int8 head cost 3.5 points of top-1 (its weights
+# re-quantised per row from Q8_0 blocks, its logits rounded to bf16) until it recomputed its
+# top logits in fp32 (quant.RefinedHead). With torch's int4 kernel (bf16 activations, scales
+# and outputs) the best was 0.948-0.949; septet's kernels (fp32 activations quantised per
+# block like llama.cpp's Q8_1) measured, on the 2-core dev box (torch 2.13, llama-cpp-python
+# 0.3.36; transformers 0.9530 / 0.0504): int4 prefill 0.9554 / 0.0498, int4 compiled decode
+# 0.9602 / 0.0483; bf16 activations 0.9505 / 0.055 (prefill) and 0.9505 / 0.051 (decode).
+# An unrefined head (0.918), a wrong nibble order, scale or zero fall far outside.
+STRICT_SETTINGS = ("int4 (prefill)", "int4+compile (decode)")
 
 ENGLISH = (
     "The lighthouse keeper had not spoken to another person in eleven weeks. Every morning he "
@@ -276,14 +277,12 @@ def int4_logits(smol_path, logits):
     for dtype in (torch.bfloat16, torch.float32):
         tag = "int4+bf16" if dtype == torch.bfloat16 else "int4"
         model = septet.load(str(smol_path), quant="int4", dtype=dtype).model
-        step = decode_step(model, True, 1, slots) if dtype == torch.bfloat16 else None
+        step = decode_step(model, True, 1, slots)
         with torch.inference_mode():
             for name, (ids, _, theirs, _) in logits.items():
                 x = torch.tensor([ids])
                 prefill = model(x)[0].double().log_softmax(-1)
                 out.setdefault(f"{tag} (prefill)", {})[name] = (theirs, prefill)
-                if step is None:
-                    continue
                 # the compiled step (one graph for every text): position 0, then a token a step
                 cache = model.new_cache(1, slots)
                 rows = [model(x[:, :1], cache=cache)[0, -1]]
@@ -316,7 +315,7 @@ def test_int4_parity_with_llamacpp(int4_logits, logits):
                                     f"p95 {p:.4f} over {n} positions" for s, a, m, p, n in lines)
           + f"\n    {'transformers (fp32)':28s} top-1 agreement with llama.cpp {h:.4f} (margin {MARGIN})")
     for setting, agree, mean, _, _ in lines:
-        assert agree >= h - MARGIN, (setting, agree, h)
+        assert agree >= (h if setting in STRICT_SETTINGS else h - MARGIN), (setting, agree, h)
         assert agree >= FLOOR, (setting, agree)
         assert mean <= MAX_MEAN_ABS_LOGPROB, (setting, mean)
 

@@ -1,0 +1,138 @@
+"""septet's own CPU kernels, compiled on first use and registered as torch operators.
+
+`q4.c` holds the matmul kernels for Q4_1 / Q8_0 block weights; `ops.cpp` registers them as
+`torch.ops.septet.q4_1_mm` / `q8_0_mm`. Both are built once per machine into
+`$SEPTET_HOME/kernels/` with the system compilers (the ones torch.compile already needs on a
+CPU) for the CPU at hand (-march=native; ~10 s), under a name keyed by the sources, the
+compiler, torch's version and the CPU flags: a changed source, torch or machine builds
+anew. The build writes to a temporary name and renames it, so an interrupted or concurrent
+build never leaves a half-written library.
+
+`available()` says whether the operators are loaded; when they cannot be (no compiler, a
+failed build, SEPTET_KERNELS=0) `why_not()` says why and callers use PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+SOURCES = (HERE / "q4.c", HERE / "ops.cpp")
+_C_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11"]
+_CXX_FLAGS = ["-O2", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w"]
+_why: list[str] = []
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    from ..assets import cache_root  # the same root as assets and features
+
+    return cache_root() / "kernels"
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        last = [ln for ln in proc.stderr.splitlines() if "error" in ln][:1] or proc.stderr.splitlines()[-1:]
+        raise OSError(f"{Path(cmd[0]).name} failed: {' '.join(last)}")
+
+
+def _build(cc: str, cxx: str) -> Path:
+    from torch.utils.cpp_extension import include_paths
+
+    torch_lib = Path(torch.__file__).parent / "lib"
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    stamp = repr((torch.__version__, _C_FLAGS, _CXX_FLAGS, abi, _cpu_flags(),
+                  [subprocess.run([c, "--version"], capture_output=True, text=True,
+                                  timeout=30).stdout.splitlines()[:1] for c in (cc, cxx)]))
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + stamp.encode()).hexdigest()[:16]
+    out = _cache_dir() / f"septet_kernels-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print("septet: building CPU kernels (once per machine)...", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
+        obj, so = Path(tmp) / "q4.o", Path(tmp) / "kernels.so"
+        _run([cc, *_C_FLAGS, "-c", str(SOURCES[0]), "-o", str(obj)])
+        _run([cxx, *_CXX_FLAGS, abi, *(f"-I{p}" for p in include_paths()), str(SOURCES[1]), str(obj),
+              "-o", str(so), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-lm"])
+        os.replace(so, out)
+    return out
+
+
+_state: list[bool] = []  # [loaded?] once decided: a plain global, cheap to read under torch.compile
+
+
+def enabled() -> bool:
+    """`available()`, decided once per process. Under torch.compile's tracing an undecided
+    state reads as False (building there is not traceable): decide before compiling."""
+    if not _state:
+        if torch.compiler.is_compiling():
+            return False
+        available()
+    return _state[0]
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Load the operators (building them if needed); False when they cannot be had here."""
+    _state[:] = [False]
+    if os.environ.get("SEPTET_KERNELS", "1") == "0":
+        _why.append("SEPTET_KERNELS=0")
+        return False
+    if sys.platform != "linux":
+        _why.append(f"built only on Linux, not {sys.platform}")
+        return False
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cc is None or cxx is None:
+        _why.append("no C / C++ compiler (gcc, g++) on PATH")
+        return False
+    try:
+        torch.ops.load_library(str(_build(cc, cxx)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _why.append(f"building septet/kernels failed: {e}")
+        return False
+    _register_fakes()
+    _state[:] = [True]
+    return True
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile's tracing (fake tensors)."""
+
+    @torch.library.register_fake("septet::q4_1_mm")
+    def _(x, qs, d, m):
+        return x.new_empty(x.shape[0], qs.shape[0])
+
+    @torch.library.register_fake("septet::q8_0_mm")
+    def _(x, qs, d):
+        return x.new_empty(x.shape[0], qs.shape[0])
+
+    @torch.library.register_fake("septet::decode_attention")
+    def _(q, k, v, mask, scale):
+        return q.new_empty(q.shape)
+
+
+def why_not() -> str | None:
+    """Why `available()` is False, or None when the kernels are in use."""
+    return None if available() else "; ".join(_why) or "unknown"

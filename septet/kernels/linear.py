@@ -1,0 +1,129 @@
+"""Linear layers on septet's q4_1 / q8_0 kernels (septet/kernels/q4.c).
+
+- `Q4Linear`: 4-bit weights in GGML's Q4_1 form (blocks of 32 inputs, W = d·q + m,
+  q in 0..15, d and m per block). A Q4_1 GGUF tensor re-quantises to itself: Q4_1's own
+  quantiser makes every block span q = 0..15, so its min and (max − min)/15 are its d and m.
+- `Q8Linear`: 8-bit weights in Q8_0 form (W = d·q, q in −127..127, d per block of 32), the
+  form SmolLM2's GGUF stores its embedding in; used for the output head.
+
+With fp32 activations they always multiply with the C kernels, which quantise the
+activations per block to int8 as llama.cpp does (so septet computes llama.cpp's arithmetic:
+on SmolLM2 its top-1 agreement with llama.cpp is above transformers' own) and read the
+weights once for up to 8 rows. With bf16 activations and DEQUANT_MIN_ROWS rows or more (a
+bf16 prefill) they expand the weight to bf16 and use the dense (AMX) matmul instead, ~2.5x
+faster there and the bf16 model's own rounding anyway. The kernels are torch operators
+(septet/kernels/ops.cpp), so torch.compile keeps each as one call in the compiled decode
+step; build them with `septet.kernels.available()` before constructing these layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+QK = 32
+COMPUTE_DTYPE = torch.bfloat16
+DEQUANT_MIN_ROWS = 32
+
+
+def _check_shape(weight: torch.Tensor, what: str) -> tuple[int, int]:
+    N, K = weight.shape
+    if K % QK:
+        raise ConfigError(f"{what} needs in_features divisible by {QK}; a ({N}, {K}) weight is not; "
+                          "use --quant int8")
+    return N, K
+
+
+class _BlockLinear(nn.Module):
+    out_features: int
+    in_features: int
+    bias: torch.Tensor | None
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != torch.float32 and x2.shape[0] >= DEQUANT_MIN_ROWS:
+            y = nn.functional.linear(x2.to(COMPUTE_DTYPE), self.dequantize())
+        else:
+            y = self._kernel(x2.float())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+
+
+class Q4Linear(_BlockLinear):
+    """y = x · Wᵀ + b, W in Q4_1 blocks of 32 inputs (see the module docstring)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows_per_block: int = 1024):
+        super().__init__()
+        N, K = _check_shape(weight, "q4_1")
+        self.out_features, self.in_features = N, K
+        qs = torch.empty(N, K // QK, QK // 2, dtype=torch.uint8)
+        d = torch.empty(N, K // QK)
+        m = torch.empty(N, K // QK)
+        for r in range(0, N, rows_per_block):  # fp32 temporaries of a few MB at a time
+            w = weight[r:r + rows_per_block].detach().float().view(-1, K // QK, QK)
+            lo, hi = w.amin(-1), w.amax(-1)
+            scale = (hi - lo) / 15.0
+            inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+            q = w.sub(lo[..., None]).mul_(inv[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+            qs[r:r + rows_per_block] = q[..., :QK // 2] | (q[..., QK // 2:] << 4)
+            d[r:r + rows_per_block], m[r:r + rows_per_block] = scale, lo
+        self.register_buffer("qs", qs)
+        self.register_buffer("d", d)
+        self.register_buffer("m", m)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def dequantize(self) -> torch.Tensor:
+        """(N, K) in the compute dtype: each weight d·q + m in fp32, rounded once."""
+        N, K = self.out_features, self.in_features
+        q = torch.cat((self.qs & 15, self.qs >> 4), dim=-1)  # (N, K/32, 32)
+        return torch.addcmul(self.m[..., None], q, self.d[..., None]).to(COMPUTE_DTYPE).view(N, K)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.septet.q4_1_mm(x.contiguous(), self.qs, self.d, self.m)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, q4_1"
+
+
+class Q8Linear(_BlockLinear):
+    """y = x · Wᵀ + b, W in Q8_0 blocks of 32 inputs (see the module docstring)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows_per_block: int = 1024):
+        super().__init__()
+        N, K = _check_shape(weight, "q8_0")
+        self.out_features, self.in_features = N, K
+        qs = torch.empty(N, K // QK, QK, dtype=torch.int8)
+        d = torch.empty(N, K // QK)
+        for r in range(0, N, rows_per_block):
+            w = weight[r:r + rows_per_block].detach().float().view(-1, K // QK, QK)
+            scale = w.abs().amax(-1) / 127.0
+            inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+            qs[r:r + rows_per_block] = w.mul(inv[..., None]).round_().clamp_(-127, 127).to(torch.int8)
+            d[r:r + rows_per_block] = scale
+        self.register_buffer("qs", qs)
+        self.register_buffer("d", d)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def dequantize(self) -> torch.Tensor:
+        N, K = self.out_features, self.in_features
+        return torch.mul(self.qs, self.d[..., None]).to(COMPUTE_DTYPE).view(N, K)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Weight rows `idx` (...,) -> (..., K) fp32, exact (for a refined head)."""
+        return (self.qs[idx].float() * self.d[idx][..., None]).flatten(-2)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.septet.q8_0_mm(x.contiguous(), self.qs, self.d)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, q8_0"

@@ -1,0 +1,389 @@
+/* septet's CPU matmul kernels for GGML-style 4-bit and 8-bit weights.
+ *
+ * y[m, n] = sum_k x[m, k] * W[n, k], with W in blocks of 32 inputs:
+ *   q4_1: W = d * q + mn, q in 0..15; 16 bytes per block, byte j = q[j] | q[j + 16] << 4
+ *   q8_0: W = d * q,      q in -127..127; 32 bytes per block
+ * The activations are quantised per block of 32 to int8 as llama.cpp does for these
+ * weight types (Q8_1 / Q8_0: dx = amax / 127, q = round(x / dx), dx kept in fp16
+ * precision), so each block's dot product is integer arithmetic and the result follows
+ * the same arithmetic as llama.cpp's. The weights are read once per call whatever the
+ * number of activation rows (up to 4 rows share each unpacked block), which is what makes
+ * small batches cheap.
+ *
+ * Built at first use by septet/kernels/__init__.py with -O3 -march=native -fopenmp; the
+ * AVX-512 VNNI path is used when the compiler targets it, a portable loop otherwise.
+ * Row blocks of W are split across OpenMP threads (torch's own libgomp: same soname).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define SEPTET_VNNI 1
+#else
+#define SEPTET_VNNI 0
+#endif
+
+#define QK 32
+
+int septet_kernel_isa(void) { return SEPTET_VNNI; }
+
+static float fp16_round(float v) { return (float)(_Float16)v; }
+
+/* The quantised activations of one call. Per row r, per group g of 4 blocks:
+ *   xq[r][g]:  128 bytes; q4_1: the 4 blocks' first 16 values (64 bytes), then their last
+ *              16, matching the weights' low / high nibbles; q8_0: the 4 blocks in order;
+ *   dxe[r][g]: 32 floats, each block's scale repeated over its dot-product lanes (q4_1:
+ *              4 per block, in the first 16; q8_0: 8 per block);
+ *   sx[r][b]:  dx * sum(q) per block (the q4_1 minimum term), zero-padded to nbs.
+ * Blocks past K are zero, so every group can be read whole. */
+typedef struct {
+    int nb, ng, nbs;
+    int8_t *xq;
+    float *dxe, *sx;
+} qx_t;
+
+static void quantize_block(const float *v, int q4_order, int8_t *dst, float *d_out, float *s_out)
+{
+    float amax = 0.0f;
+    for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(v[j]));
+    const float d = amax / 127.0f, id = d ? 1.0f / d : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < QK; j++) {
+        const int q = (int)nearbyintf(v[j] * id);
+        sum += q;
+        dst[q4_order ? (j < 16 ? j : 64 + j - 16) : j] = (int8_t)q;
+    }
+    *d_out = fp16_round(d);
+    *s_out = fp16_round(d * (float)sum);
+}
+
+static int quantize_x(const float *x, int M, int K, int q4_order, qx_t *qx)
+{
+    const int nb = K / QK, ng = (nb + 3) / 4, nbs = (nb + 15) & ~15;
+    qx->nb = nb, qx->ng = ng, qx->nbs = nbs;
+    qx->xq = aligned_alloc(64, (size_t)M * ng * 128);
+    qx->dxe = aligned_alloc(64, sizeof(float) * ((size_t)M * ng * 32 + (size_t)M * nbs));
+    if (!qx->xq || !qx->dxe) { free(qx->xq); free(qx->dxe); return 1; }
+    qx->sx = qx->dxe + (size_t)M * ng * 32;
+    memset(qx->xq, 0, (size_t)M * ng * 128);
+    memset(qx->dxe, 0, sizeof(float) * ((size_t)M * ng * 32 + (size_t)M * nbs));
+    for (int r = 0; r < M; r++) {
+        for (int b = 0; b < nb; b++) {
+            const int g = b / 4, i = b % 4;
+            int8_t *dst = qx->xq + ((size_t)r * ng + g) * 128 + (q4_order ? i * 16 : i * 32);
+            float dx;
+            quantize_block(x + (size_t)r * K + b * QK, q4_order, dst, &dx, qx->sx + (size_t)r * nbs + b);
+            const int lanes = q4_order ? 4 : 8;
+            for (int l = 0; l < lanes; l++) qx->dxe[((size_t)r * ng + g) * 32 + i * lanes + l] = dx;
+        }
+    }
+    return 0;
+}
+
+#if SEPTET_VNNI
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* Weight rows [n0, n1) against `mr` activation rows (a constant in each instance below,
+ * so the accumulators stay in registers). Per group of 4 blocks (128 weights): unpack the
+ * nibbles once; per activation row, two VNNI dot products (low / high halves: 4 lanes per
+ * block), one int->float conversion and one fma with the blocks' scales. The minimum
+ * term sum_b mn[b] * sx[b] is a vector dot product per row at the end. */
+ALWAYS_INLINE void q4_1_tile(const int mr, const uint8_t *qs, const float *d, const float *mn,
+                             int n0, int n1, const qx_t *qx, float *y, int N)
+{
+    const int nb = qx->nb, ng = qx->ng, nbs = qx->nbs, full = nb / 4, tail = nb % 4;
+    const __m512i lowmask = _mm512_set1_epi8(0x0F);
+    const __m512i expand = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *wr = qs + (size_t)n * nb * 16;
+        const float *dr = d + (size_t)n * nb, *mrow = mn + (size_t)n * nb;
+        __m512 acc[8];
+        for (int r = 0; r < mr; r++) acc[r] = _mm512_setzero_ps();
+        for (int g = 0; g < ng; g++) {
+            __m512i v;
+            __m512 dw;
+            if (g < full) {
+                v = _mm512_loadu_si512(wr + g * 64);
+                dw = _mm512_permutexvar_ps(expand, _mm512_castps128_ps512(_mm_loadu_ps(dr + g * 4)));
+            } else {
+                v = _mm512_maskz_loadu_epi8(((__mmask64)1 << (tail * 16)) - 1, wr + g * 64);
+                dw = _mm512_permutexvar_ps(expand, _mm512_castps128_ps512(
+                    _mm_maskz_loadu_ps((__mmask8)((1u << tail) - 1), dr + g * 4)));
+            }
+            const __m512i lo = _mm512_and_si512(v, lowmask);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lowmask);
+            for (int r = 0; r < mr; r++) {
+                const int8_t *xg = qx->xq + ((size_t)r * ng + g) * 128;
+                __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(xg));
+                s = _mm512_dpbusd_epi32(s, hi, _mm512_load_si512(xg + 64));
+                const __m512 sc = _mm512_mul_ps(dw, _mm512_load_ps(qx->dxe + ((size_t)r * ng + g) * 32));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[r]);
+            }
+        }
+        for (int j = 0; j < nbs; j += 16) {
+            const __mmask16 k = nb - j >= 16 ? 0xFFFF : (__mmask16)((1u << (nb - j)) - 1);
+            const __m512 mv = _mm512_maskz_loadu_ps(k, mrow + j);
+            for (int r = 0; r < mr; r++)
+                acc[r] = _mm512_fmadd_ps(mv, _mm512_load_ps(qx->sx + (size_t)r * nbs + j), acc[r]);
+        }
+        for (int r = 0; r < mr; r++) y[(size_t)r * N + n] = _mm512_reduce_add_ps(acc[r]);
+    }
+}
+
+/* The same for q8_0 weights, 64 bytes (2 blocks) per step: VNNI multiplies unsigned by
+ * signed bytes, so the int8 x int8 product goes in as |w| * (x with w's sign). */
+ALWAYS_INLINE void q8_0_tile(const int mr, const int8_t *qs, const float *d, int n0, int n1,
+                             const qx_t *qx, float *y, int N)
+{
+    const int nb = qx->nb, ng = qx->ng;
+    const __m512i expand = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (int n = n0; n < n1; n++) {
+        const int8_t *wr = qs + (size_t)n * nb * QK;
+        const float *dr = d + (size_t)n * nb;
+        __m512 acc[8];
+        for (int r = 0; r < mr; r++) acc[r] = _mm512_setzero_ps();
+        for (int h = 0; 2 * h < nb; h++) {
+            const int two = 2 * h + 1 < nb;
+            const __m512i w = two ? _mm512_loadu_si512(wr + h * 64)
+                                  : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, wr + h * 64);
+            const __m512i aw = _mm512_abs_epi8(w);
+            const __mmask64 neg = _mm512_movepi8_mask(w);
+            const __m512 dw = _mm512_permutexvar_ps(expand, _mm512_castps128_ps512(
+                _mm_maskz_loadu_ps(two ? 3 : 1, dr + h * 2)));
+            const int g = h / 2;
+            for (int r = 0; r < mr; r++) {
+                const int8_t *xg = qx->xq + ((size_t)r * ng + g) * 128 + (h % 2) * 64;
+                __m512i xv = _mm512_load_si512(xg);
+                xv = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
+                const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, xv);
+                const __m512 dxh = _mm512_load_ps(qx->dxe + ((size_t)r * ng + g) * 32 + (h % 2) * 16);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, dxh), acc[r]);
+            }
+        }
+        for (int r = 0; r < mr; r++) y[(size_t)r * N + n] = _mm512_reduce_add_ps(acc[r]);
+    }
+}
+
+#define DISPATCH(call_with_mr)                                   \
+    switch (mr) {                                                \
+    case 1: call_with_mr(1); break;                              \
+    case 2: call_with_mr(2); break;                              \
+    case 3: call_with_mr(3); break;                              \
+    case 4: call_with_mr(4); break;                              \
+    case 5: call_with_mr(5); break;                              \
+    case 6: call_with_mr(6); break;                              \
+    case 7: call_with_mr(7); break;                              \
+    default: call_with_mr(8); break;                             \
+    }
+
+static void q4_1_rows(const uint8_t *qs, const float *d, const float *mn, int n0, int n1,
+                      const qx_t *qx, int mr, float *y, int N)
+{
+#define Q4(k) q4_1_tile(k, qs, d, mn, n0, n1, qx, y, N)
+    DISPATCH(Q4)
+#undef Q4
+}
+
+static void q8_0_rows(const int8_t *qs, const float *d, int n0, int n1, const qx_t *qx, int mr,
+                      float *y, int N)
+{
+#define Q8(k) q8_0_tile(k, qs, d, n0, n1, qx, y, N)
+    DISPATCH(Q8)
+#undef Q8
+}
+#else
+static void q4_1_rows(const uint8_t *qs, const float *d, const float *mn, int n0, int n1,
+                      const qx_t *qx, int mr, float *y, int N)
+{
+    const int nb = qx->nb, ng = qx->ng;
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *wr = qs + (size_t)n * nb * 16;
+        for (int r = 0; r < mr; r++) {
+            float acc = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                const int8_t *xb = qx->xq + ((size_t)r * ng + b / 4) * 128 + (b % 4) * 16;
+                int s = 0;
+                for (int j = 0; j < 16; j++)
+                    s += (wr[b * 16 + j] & 15) * xb[j] + (wr[b * 16 + j] >> 4) * xb[64 + j];
+                acc += d[(size_t)n * nb + b] * qx->dxe[((size_t)r * ng + b / 4) * 32 + (b % 4) * 4] * (float)s
+                     + mn[(size_t)n * nb + b] * qx->sx[(size_t)r * qx->nbs + b];
+            }
+            y[(size_t)r * N + n] = acc;
+        }
+    }
+}
+
+static void q8_0_rows(const int8_t *qs, const float *d, int n0, int n1, const qx_t *qx, int mr,
+                      float *y, int N)
+{
+    const int nb = qx->nb, ng = qx->ng;
+    for (int n = n0; n < n1; n++) {
+        const int8_t *wr = qs + (size_t)n * nb * QK;
+        for (int r = 0; r < mr; r++) {
+            float acc = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                const int8_t *xb = qx->xq + ((size_t)r * ng + b / 4) * 128 + (b % 4) * 32;
+                int s = 0;
+                for (int j = 0; j < QK; j++) s += wr[b * QK + j] * xb[j];
+                acc += d[(size_t)n * nb + b] * qx->dxe[((size_t)r * ng + b / 4) * 32 + (b % 4) * 8] * (float)s;
+            }
+            y[(size_t)r * N + n] = acc;
+        }
+    }
+}
+#endif
+
+/* rows of W per OpenMP work item: small enough to balance 2-16 threads on a 576-row
+ * matrix, large enough that scheduling is noise */
+#define NCHUNK 16
+
+static int run(int kind, const void *qs, const float *d, const float *mn, int N, int K,
+               const float *x, int M, float *y, int nthreads)
+{
+    if (K % QK || N <= 0 || M <= 0) return 1;
+    qx_t qx;
+    if (quantize_x(x, M, K, kind == 4, &qx)) return 2;
+    const int nchunks = (N + NCHUNK - 1) / NCHUNK;
+    /* 8 activation rows per pass over the weights: each weight block is unpacked once
+     * for all of them */
+    for (int m0 = 0; m0 < M; m0 += 8) {
+        const int mr = M - m0 < 8 ? M - m0 : 8;
+        qx_t sub = qx;
+        sub.xq += (size_t)m0 * qx.ng * 128;
+        sub.dxe += (size_t)m0 * qx.ng * 32;
+        sub.sx += (size_t)m0 * qx.nbs;
+        float *ym = y + (size_t)m0 * N;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int c = 0; c < nchunks; c++) {
+            const int n0 = c * NCHUNK, n1 = n0 + NCHUNK < N ? n0 + NCHUNK : N;
+            if (kind == 4)
+                q4_1_rows(qs, d, mn, n0, n1, &sub, mr, ym, N);
+            else
+                q8_0_rows(qs, d, n0, n1, &sub, mr, ym, N);
+        }
+    }
+    free(qx.xq);
+    free(qx.dxe);
+    return 0;
+}
+
+int septet_q4_1_mm(const uint8_t *qs, const float *d, const float *mn, int N, int K,
+                   const float *x, int M, float *y, int nthreads)
+{
+    return run(4, qs, d, mn, N, K, x, M, y, nthreads);
+}
+
+int septet_q8_0_mm(const int8_t *qs, const float *d, int N, int K, const float *x, int M,
+                   float *y, int nthreads)
+{
+    return run(8, qs, d, NULL, N, K, x, M, y, nthreads);
+}
+
+#if SEPTET_VNNI
+/* e^x for x <= 0 (softmax after subtracting the max), 16 lanes: x = n ln2 + r with
+ * |r| <= ln2 / 2, a degree-6 polynomial for e^r (relative error ~2e-7), scaled by 2^n. */
+static inline __m512 exp_nonpos(__m512 x)
+{
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* One query head's softmax(q·Kᵀ·scale)·V over the slots s < L with mask[s] != 0. */
+static void attend_one(const float *qh, const float *kb, const float *vb, const uint8_t *mr, int L,
+                       int D, float scale, float *p, float *oh)
+{
+    float mx = -INFINITY;
+    for (int s = 0; s < L; s++) {
+        if (!mr[s]) { p[s] = -INFINITY; continue; }
+        const float *ks = kb + (size_t)s * D;
+        float dot;
+#if SEPTET_VNNI
+        if (D % 16 == 0) {
+            __m512 a = _mm512_setzero_ps();
+            for (int j = 0; j < D; j += 16)
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(qh + j), _mm512_loadu_ps(ks + j), a);
+            dot = _mm512_reduce_add_ps(a);
+        } else
+#endif
+        {
+            dot = 0.0f;
+            for (int j = 0; j < D; j++) dot += qh[j] * ks[j];
+        }
+        p[s] = dot * scale;
+        mx = fmaxf(mx, p[s]);
+    }
+    for (int j = 0; j < D; j++) oh[j] = 0.0f;
+    if (mx == -INFINITY) return; /* no visible slot: zeros (SDPA would give NaN) */
+    float sum = 0.0f;
+    int s = 0;
+#if SEPTET_VNNI
+    {
+        __m512 acc = _mm512_setzero_ps();
+        const __m512 m = _mm512_set1_ps(mx);
+        for (; s + 16 <= L; s += 16) {
+            const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(p + s), m));
+            _mm512_storeu_ps(p + s, e); /* masked slots: -inf - mx -> clamped -> ~0 */
+            acc = _mm512_add_ps(acc, e);
+        }
+        sum = _mm512_reduce_add_ps(acc);
+    }
+#endif
+    for (; s < L; s++) {
+        p[s] = expf(p[s] - mx);
+        sum += p[s];
+    }
+    const float inv = 1.0f / sum;
+    for (s = 0; s < L; s++) {
+        if (!mr[s]) continue;
+        const float w = p[s] * inv, *vs = vb + (size_t)s * D;
+#if SEPTET_VNNI
+        if (D % 16 == 0) {
+            const __m512 wv = _mm512_set1_ps(w);
+            for (int j = 0; j < D; j += 16)
+                _mm512_storeu_ps(oh + j, _mm512_fmadd_ps(wv, _mm512_loadu_ps(vs + j), _mm512_loadu_ps(oh + j)));
+            continue;
+        }
+#endif
+        for (int j = 0; j < D; j++) oh[j] += w * vs[j];
+    }
+}
+
+/* One decoding step of attention, fp32: q (B, H, D) over the keys / values of a cache
+ * k, v (B, Hkv, S, D) (contiguous), skipping the slots whose mask (B, S) is 0; out (B, H, D).
+ * Query head h reads key/value head h / (H / Hkv) (grouped-query attention). Only the slots
+ * up to a row's last visible one are read, so the cost follows the filled length of the
+ * cache, not its allocated size S (a dense SDPA over the static cache reads all S). */
+int septet_decode_attention(const float *q, const float *k, const float *v, const uint8_t *mask,
+                            float *out, int B, int H, int Hkv, int S, int D, float scale, int nthreads)
+{
+    if (B <= 0 || H <= 0 || Hkv <= 0 || H % Hkv || S <= 0 || D <= 0) return 1;
+    const int G = H / Hkv;
+    int rc = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int bh = 0; bh < B * H; bh++) {
+        const int b = bh / H, h = bh % H, hk = h / G;
+        const uint8_t *mr = mask + (size_t)b * S;
+        int L = S;
+        while (L > 0 && !mr[L - 1]) L--;
+        float *p = malloc(sizeof(float) * (L > 0 ? L : 1));
+        if (!p) { rc = 2; continue; }
+        const size_t kv = ((size_t)b * Hkv + hk) * S * D;
+        attend_one(q + (size_t)bh * D, k + kv, v + kv, mr, L, D, scale, p, out + (size_t)bh * D);
+        free(p);
+    }
+    return rc;
+}

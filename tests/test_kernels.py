@@ -1,0 +1,198 @@
+"""septet's own CPU kernels (septet/kernels): the Q4_1 / Q8_0 matmuls compute exactly
+llama.cpp's block arithmetic (int8 activations per block of 32, integer dot products), the
+decode-attention kernel equals SDPA, the portable C path equals the AVX-512 one, and the
+layers built on them behave like the torch-kernel layers (quantize_model, compile)."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from septet import kernels
+from septet.quant import Int4Linear, quantize_linear, quantize_model
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"septet kernels: {kernels.why_not()}")
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16).to(torch.float64)
+
+
+def _quantize_x(x: torch.Tensor):
+    """llama.cpp's Q8_1 activations: per block of 32, d = amax/127, q = round(x/d) (ties to
+    even, as the AVX path rounds), d and d·sum(q) kept at fp16 precision."""
+    M, K = x.shape
+    b = x.view(M, K // 32, 32)
+    d = b.abs().amax(-1) / 127.0  # fp32, as the kernel computes it
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(b * inv[..., None])  # torch.round: half to even
+    return q.double(), _fp16(d), _fp16(d * q.sum(-1))
+
+
+def _reference_q4(x, layer):
+    q, dx, sx = _quantize_x(x)
+    qs = layer.qs.long()
+    w = torch.cat((qs & 15, qs >> 4), dim=-1).double()  # (N, nb, 32)
+    isum = torch.einsum("mbk,nbk->mnb", q, w)
+    return (isum * layer.d.double()[None] * dx[:, None] + layer.m.double()[None] * sx[:, None]).sum(-1)
+
+
+def _reference_q8(x, layer):
+    q, dx, _ = _quantize_x(x)
+    isum = torch.einsum("mbk,nbk->mnb", q, layer.qs.double())
+    return (isum * layer.d.double()[None] * dx[:, None]).sum(-1)
+
+
+@pytest.mark.parametrize("K", [32, 96, 160, 576])
+@pytest.mark.parametrize("M", [1, 3, 8, 11])
+def test_q4_1_and_q8_0_kernels_are_llamacpp_block_arithmetic(M, K):
+    from septet.kernels.linear import Q4Linear, Q8Linear
+
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    N = 50  # not a multiple of the kernel's 16-row chunks
+    w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g) * 3
+    x[0, :32] = 0.0  # an all-zero block: scale 0
+    for layer, ref in ((Q4Linear(w), _reference_q4), (Q8Linear(w), _reference_q8)):
+        y = layer(x)
+        want = ref(x, layer)
+        scale = ref(x.abs(), layer).abs() if isinstance(layer, Q8Linear) else want.abs()
+        assert y.dtype == torch.float32 and y.shape == (M, N)
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * float(scale.max()))
+
+
+def test_q4_1_weights_requantise_to_themselves():
+    """A Q4_1 tensor (as GGUF stores it: fp16 d and m, every block spanning q = 0..15)
+    dequantised and quantised again gives back its own nibbles, and d, m to fp32 rounding."""
+    from septet.kernels.linear import Q4Linear
+
+    g = torch.Generator().manual_seed(0)
+    N, K = 24, 128
+    q = torch.randint(0, 16, (N, K // 32, 32), generator=g)
+    q[..., 0], q[..., 1] = 0, 15
+    d = (torch.rand(N, K // 32, generator=g) * 0.01 + 1e-4).half().float()
+    m = (-torch.rand(N, K // 32, generator=g) * 0.1).half().float()
+    layer = Q4Linear((q * d[..., None] + m[..., None]).view(N, K))
+    got = torch.cat((layer.qs & 15, layer.qs >> 4), dim=-1).long()
+    assert torch.equal(got, q)
+    torch.testing.assert_close(layer.d, d, rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer.m, m, rtol=1e-6, atol=0)
+
+
+def test_many_bf16_rows_take_the_dequantised_path():
+    """From DEQUANT_MIN_ROWS bf16 rows (a bf16 prefill) the layer multiplies by its
+    dequantised bf16 weight, d·q + m to bf16 precision; fp32 rows always take the kernel."""
+    from septet.kernels.linear import DEQUANT_MIN_ROWS, Q4Linear
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(48, 64, generator=g), torch.randn(DEQUANT_MIN_ROWS, 64, generator=g)
+    layer = Q4Linear(w)
+    q = torch.cat((layer.qs & 15, layer.qs >> 4), dim=-1).double()
+    exact = (q * layer.d.double()[..., None] + layer.m.double()[..., None]).view(48, 64)
+    torch.testing.assert_close(layer.dequantize().double(), exact, rtol=2 ** -8, atol=0)
+    torch.testing.assert_close(layer(x.bfloat16()), x.bfloat16() @ layer.dequantize().t())
+    torch.testing.assert_close(layer(x).double(), _reference_q4(x, layer), rtol=1e-5, atol=1e-4)
+
+
+def test_threads_do_not_change_results():
+    from septet.kernels.linear import Q4Linear
+
+    w, x = torch.randn(200, 192), torch.randn(5, 192)
+    layer = Q4Linear(w)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = layer(x)
+        torch.set_num_threads(2)
+        two = layer(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (4, 4, 24)])
+def test_decode_attention_equals_sdpa(H, Hkv, D):
+    g = torch.Generator().manual_seed(H + D)
+    B, S = 3, 70
+    q = torch.randn(B, H, 1, D, generator=g)
+    k, v = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    mask[0, :40] = True
+    mask[1, 5:33] = True  # left padding and unfilled slots
+    mask[1, 20] = False
+    mask[2, :S] = True
+    got = torch.ops.septet.decode_attention(q, k, v, mask, D ** -0.5)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], enable_gqa=H != Hkv)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    mask[1] = False  # nothing visible: zeros, not NaN
+    assert torch.equal(torch.ops.septet.decode_attention(q, k, v, mask, D ** -0.5)[1], torch.zeros(H, 1, D))
+
+
+def test_portable_c_path_equals_the_avx512_path(tmp_path):
+    """q4.c without AVX-512 VNNI (what another CPU compiles) gives the same numbers."""
+    src = kernels.SOURCES[0]
+    so = tmp_path / "portable.so"
+    cc = subprocess.run(["gcc", "-O2", "-march=x86-64", "-fopenmp", "-shared", "-fPIC", "-std=gnu11",
+                         str(src), "-o", str(so), "-lm"], capture_output=True, text=True)
+    if cc.returncode != 0:
+        pytest.skip(f"cannot compile the portable path: {cc.stderr[-200:]}")
+    lib = ctypes.CDLL(str(so))
+    assert lib.septet_kernel_isa() == 0
+    from septet.kernels.linear import Q4Linear, Q8Linear
+
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(40, 160, generator=g), torch.randn(3, 160, generator=g)
+    q4, q8 = Q4Linear(w), Q8Linear(w)
+    y4, y8 = torch.empty(3, 40), torch.empty(3, 40)
+    p = ctypes.c_void_p
+    assert lib.septet_q4_1_mm(p(q4.qs.data_ptr()), p(q4.d.data_ptr()), p(q4.m.data_ptr()), 40, 160,
+                              p(x.data_ptr()), 3, p(y4.data_ptr()), 1) == 0
+    assert lib.septet_q8_0_mm(p(q8.qs.data_ptr()), p(q8.d.data_ptr()), 40, 160, p(x.data_ptr()), 3,
+                              p(y8.data_ptr()), 1) == 0
+    torch.testing.assert_close(y4, q4(x), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y8, q8(x), rtol=1e-5, atol=1e-4)
+    qh, k, v = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 10, 32), torch.randn(2, 2, 10, 32)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 7:] = False
+    out = torch.empty_like(qh)
+    lib.septet_decode_attention.argtypes = [p, p, p, p, p] + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int]
+    assert lib.septet_decode_attention(qh.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(),
+                                       2, 4, 2, 10, 32, 32 ** -0.5, 1) == 0
+    torch.testing.assert_close(out, torch.ops.septet.decode_attention(qh, k, v, mask, 32 ** -0.5))
+
+
+def test_compiled_layer_equals_eager():
+    from septet.kernels.linear import Q4Linear, Q8Linear
+
+    torch._dynamo.reset()
+    layers = torch.nn.Sequential(Q4Linear(torch.randn(64, 96)), torch.nn.SiLU(), Q8Linear(torch.randn(32, 64)))
+    x = torch.randn(2, 96)
+    with torch.no_grad():
+        eager = layers(x)
+        compiled = torch.compile(layers, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_quantize_model_uses_the_kernels_unless_told_not_to(monkeypatch):
+    from septet.config import get_preset
+    from septet.kernels.linear import Q4Linear, Q8Linear
+    from septet.models import build
+
+    cfg = get_preset("llama-tiny").config.replace(n_layer=1, vocab_size=256)
+    torch.manual_seed(0)
+    m = quantize_model(build(cfg).eval(), "int4")
+    assert isinstance(m.blocks[0].attn.qkv_proj, Q4Linear)
+    assert isinstance(m.lm_head.fast, Q8Linear)  # untied: refined from its own int8 rows
+    assert isinstance(quantize_linear(torch.randn(16, 64), "int4", group_size=64), Int4Linear)  # not Q4_1 blocks
+    monkeypatch.setenv("SEPTET_KERNELS", "0")
+    assert isinstance(quantize_linear(torch.randn(16, 64), "int4"), Int4Linear)
+
+
+def test_a_failing_compiler_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEPTET_HOME", str(tmp_path))
+    with pytest.raises(OSError, match="failed"):
+        kernels._build("false", "false")
+    assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written left behind
