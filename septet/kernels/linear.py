@@ -67,8 +67,8 @@ class Q4Linear(_BlockLinear):
         N, K = _check_shape(weight, "q4_1")
         self.out_features, self.in_features = N, K
         qs = torch.empty(N, K // QK, QK // 2, dtype=torch.uint8)
-        d = torch.empty(N, K // QK)
-        m = torch.empty(N, K // QK)
+        d = torch.empty(N, K // QK, dtype=torch.float16)  # fp16 scales, as GGML's blocks
+        m = torch.empty(N, K // QK, dtype=torch.float16)
         for r in range(0, N, rows_per_block):  # fp32 temporaries of a few MB at a time
             w = weight[r:r + rows_per_block].detach().float().view(-1, K // QK, QK)
             lo, hi = w.amin(-1), w.amax(-1)
@@ -86,7 +86,7 @@ class Q4Linear(_BlockLinear):
         """(N, K) in the compute dtype: each weight d·q + m in fp32, rounded once."""
         N, K = self.out_features, self.in_features
         q = torch.cat((self.qs & 15, self.qs >> 4), dim=-1)  # (N, K/32, 32)
-        return torch.addcmul(self.m[..., None], q, self.d[..., None]).to(COMPUTE_DTYPE).view(N, K)
+        return torch.addcmul(self.m[..., None].float(), q, self.d[..., None].float()).to(COMPUTE_DTYPE).view(N, K)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.septet.q4_1_mm(x.contiguous(), self.qs, self.d, self.m)
@@ -103,7 +103,7 @@ class Q8Linear(_BlockLinear):
         N, K = _check_shape(weight, "q8_0")
         self.out_features, self.in_features = N, K
         qs = torch.empty(N, K // QK, QK, dtype=torch.int8)
-        d = torch.empty(N, K // QK)
+        d = torch.empty(N, K // QK, dtype=torch.float16)
         for r in range(0, N, rows_per_block):
             w = weight[r:r + rows_per_block].detach().float().view(-1, K // QK, QK)
             scale = w.abs().amax(-1) / 127.0
@@ -116,11 +116,11 @@ class Q8Linear(_BlockLinear):
 
     def dequantize(self) -> torch.Tensor:
         N, K = self.out_features, self.in_features
-        return torch.mul(self.qs, self.d[..., None]).to(COMPUTE_DTYPE).view(N, K)
+        return torch.mul(self.qs, self.d[..., None].float()).to(COMPUTE_DTYPE).view(N, K)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Weight rows `idx` (...,) -> (..., K) fp32, exact (for a refined head)."""
-        return (self.qs[idx].float() * self.d[idx][..., None]).flatten(-2)
+        return (self.qs[idx].float() * self.d[idx][..., None].float()).flatten(-2)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.septet.q8_0_mm(x.contiguous(), self.qs, self.d)

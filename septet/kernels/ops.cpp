@@ -25,13 +25,13 @@ void check(const at::Tensor &x, const at::Tensor &qs, const at::Tensor &d, int64
               "septet kernels: bad block tensor");
   TORCH_CHECK(x.size(1) == qs.size(1) * 32, "septet kernels: x has ", x.size(1), " inputs, weight ",
               qs.size(1) * 32);
-  TORCH_CHECK(d.scalar_type() == at::kFloat && d.is_contiguous() && d.numel() == qs.size(0) * qs.size(1),
+  TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.numel() == qs.size(0) * qs.size(1),
               "septet kernels: bad scales");
 }
 
 at::Tensor q4_1_mm(const at::Tensor &x, const at::Tensor &qs, const at::Tensor &d, const at::Tensor &m) {
   check(x, qs, d, 16, at::kByte);
-  TORCH_CHECK(m.scalar_type() == at::kFloat && m.is_contiguous() && m.numel() == d.numel(),
+  TORCH_CHECK(m.scalar_type() == at::kHalf && m.is_contiguous() && m.numel() == d.numel(),
               "septet kernels: bad minimums");
   auto y = at::empty({x.size(0), qs.size(0)}, x.options());
   int rc = septet_q4_1_mm(qs.data_ptr(), d.data_ptr(), m.data_ptr(), qs.size(0), x.size(1), x.data_ptr(),

@@ -3,6 +3,9 @@
  * y[m, n] = sum_k x[m, k] * W[n, k], with W in blocks of 32 inputs:
  *   q4_1: W = d * q + mn, q in 0..15; 16 bytes per block, byte j = q[j] | q[j + 16] << 4
  *   q8_0: W = d * q,      q in -127..127; 32 bytes per block
+ * with d and mn in fp16, as GGML stores them: decoding one token reads every weight once,
+ * and on this project's 2-core VM that is bounded by memory bandwidth (~8 GB/s), so every
+ * byte per weight counts (fp32 scales would add 0.125 of Q4_1's 0.625).
  * The activations are quantised per block of 32 to int8 as llama.cpp does for these
  * weight types (Q8_1 / Q8_0: dx = amax / 127, q = round(x / dx), dx kept in fp16
  * precision), so each block's dot product is integer arithmetic and the result follows
@@ -90,7 +93,7 @@ static int quantize_x(const float *x, int M, int K, int q4_order, qx_t *qx)
  * nibbles once; per activation row, two VNNI dot products (low / high halves: 4 lanes per
  * block), one int->float conversion and one fma with the blocks' scales. The minimum
  * term sum_b mn[b] * sx[b] is a vector dot product per row at the end. */
-ALWAYS_INLINE void q4_1_tile(const int mr, const uint8_t *qs, const float *d, const float *mn,
+ALWAYS_INLINE void q4_1_tile(const int mr, const uint8_t *qs, const _Float16 *d, const _Float16 *mn,
                              int n0, int n1, const qx_t *qx, float *y, int N)
 {
     const int nb = qx->nb, ng = qx->ng, nbs = qx->nbs, full = nb / 4, tail = nb % 4;
@@ -98,7 +101,7 @@ ALWAYS_INLINE void q4_1_tile(const int mr, const uint8_t *qs, const float *d, co
     const __m512i expand = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     for (int n = n0; n < n1; n++) {
         const uint8_t *wr = qs + (size_t)n * nb * 16;
-        const float *dr = d + (size_t)n * nb, *mrow = mn + (size_t)n * nb;
+        const _Float16 *dr = d + (size_t)n * nb, *mrow = mn + (size_t)n * nb;
         __m512 acc[8];
         for (int r = 0; r < mr; r++) acc[r] = _mm512_setzero_ps();
         for (int g = 0; g < ng; g++) {
@@ -106,11 +109,12 @@ ALWAYS_INLINE void q4_1_tile(const int mr, const uint8_t *qs, const float *d, co
             __m512 dw;
             if (g < full) {
                 v = _mm512_loadu_si512(wr + g * 64);
-                dw = _mm512_permutexvar_ps(expand, _mm512_castps128_ps512(_mm_loadu_ps(dr + g * 4)));
+                dw = _mm512_permutexvar_ps(expand, _mm512_castps128_ps512(
+                    _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(dr + g * 4)))));
             } else {
                 v = _mm512_maskz_loadu_epi8(((__mmask64)1 << (tail * 16)) - 1, wr + g * 64);
                 dw = _mm512_permutexvar_ps(expand, _mm512_castps128_ps512(
-                    _mm_maskz_loadu_ps((__mmask8)((1u << tail) - 1), dr + g * 4)));
+                    _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << tail) - 1), dr + g * 4))));
             }
             const __m512i lo = _mm512_and_si512(v, lowmask);
             const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lowmask);
@@ -124,7 +128,7 @@ ALWAYS_INLINE void q4_1_tile(const int mr, const uint8_t *qs, const float *d, co
         }
         for (int j = 0; j < nbs; j += 16) {
             const __mmask16 k = nb - j >= 16 ? 0xFFFF : (__mmask16)((1u << (nb - j)) - 1);
-            const __m512 mv = _mm512_maskz_loadu_ps(k, mrow + j);
+            const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mrow + j));
             for (int r = 0; r < mr; r++)
                 acc[r] = _mm512_fmadd_ps(mv, _mm512_load_ps(qx->sx + (size_t)r * nbs + j), acc[r]);
         }
@@ -134,14 +138,14 @@ ALWAYS_INLINE void q4_1_tile(const int mr, const uint8_t *qs, const float *d, co
 
 /* The same for q8_0 weights, 64 bytes (2 blocks) per step: VNNI multiplies unsigned by
  * signed bytes, so the int8 x int8 product goes in as |w| * (x with w's sign). */
-ALWAYS_INLINE void q8_0_tile(const int mr, const int8_t *qs, const float *d, int n0, int n1,
+ALWAYS_INLINE void q8_0_tile(const int mr, const int8_t *qs, const _Float16 *d, int n0, int n1,
                              const qx_t *qx, float *y, int N)
 {
     const int nb = qx->nb, ng = qx->ng;
     const __m512i expand = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     for (int n = n0; n < n1; n++) {
         const int8_t *wr = qs + (size_t)n * nb * QK;
-        const float *dr = d + (size_t)n * nb;
+        const _Float16 *dr = d + (size_t)n * nb;
         __m512 acc[8];
         for (int r = 0; r < mr; r++) acc[r] = _mm512_setzero_ps();
         for (int h = 0; 2 * h < nb; h++) {
@@ -151,7 +155,7 @@ ALWAYS_INLINE void q8_0_tile(const int mr, const int8_t *qs, const float *d, int
             const __m512i aw = _mm512_abs_epi8(w);
             const __mmask64 neg = _mm512_movepi8_mask(w);
             const __m512 dw = _mm512_permutexvar_ps(expand, _mm512_castps128_ps512(
-                _mm_maskz_loadu_ps(two ? 3 : 1, dr + h * 2)));
+                _mm_cvtph_ps(_mm_maskz_loadu_epi16(two ? 3 : 1, dr + h * 2))));
             const int g = h / 2;
             for (int r = 0; r < mr; r++) {
                 const int8_t *xg = qx->xq + ((size_t)r * ng + g) * 128 + (h % 2) * 64;
@@ -178,7 +182,7 @@ ALWAYS_INLINE void q8_0_tile(const int mr, const int8_t *qs, const float *d, int
     default: call_with_mr(8); break;                             \
     }
 
-static void q4_1_rows(const uint8_t *qs, const float *d, const float *mn, int n0, int n1,
+static void q4_1_rows(const uint8_t *qs, const _Float16 *d, const _Float16 *mn, int n0, int n1,
                       const qx_t *qx, int mr, float *y, int N)
 {
 #define Q4(k) q4_1_tile(k, qs, d, mn, n0, n1, qx, y, N)
@@ -186,7 +190,7 @@ static void q4_1_rows(const uint8_t *qs, const float *d, const float *mn, int n0
 #undef Q4
 }
 
-static void q8_0_rows(const int8_t *qs, const float *d, int n0, int n1, const qx_t *qx, int mr,
+static void q8_0_rows(const int8_t *qs, const _Float16 *d, int n0, int n1, const qx_t *qx, int mr,
                       float *y, int N)
 {
 #define Q8(k) q8_0_tile(k, qs, d, n0, n1, qx, y, N)
@@ -194,7 +198,7 @@ static void q8_0_rows(const int8_t *qs, const float *d, int n0, int n1, const qx
 #undef Q8
 }
 #else
-static void q4_1_rows(const uint8_t *qs, const float *d, const float *mn, int n0, int n1,
+static void q4_1_rows(const uint8_t *qs, const _Float16 *d, const _Float16 *mn, int n0, int n1,
                       const qx_t *qx, int mr, float *y, int N)
 {
     const int nb = qx->nb, ng = qx->ng;
@@ -207,15 +211,15 @@ static void q4_1_rows(const uint8_t *qs, const float *d, const float *mn, int n0
                 int s = 0;
                 for (int j = 0; j < 16; j++)
                     s += (wr[b * 16 + j] & 15) * xb[j] + (wr[b * 16 + j] >> 4) * xb[64 + j];
-                acc += d[(size_t)n * nb + b] * qx->dxe[((size_t)r * ng + b / 4) * 32 + (b % 4) * 4] * (float)s
-                     + mn[(size_t)n * nb + b] * qx->sx[(size_t)r * qx->nbs + b];
+                acc += (float)d[(size_t)n * nb + b] * qx->dxe[((size_t)r * ng + b / 4) * 32 + (b % 4) * 4] * (float)s
+                     + (float)mn[(size_t)n * nb + b] * qx->sx[(size_t)r * qx->nbs + b];
             }
             y[(size_t)r * N + n] = acc;
         }
     }
 }
 
-static void q8_0_rows(const int8_t *qs, const float *d, int n0, int n1, const qx_t *qx, int mr,
+static void q8_0_rows(const int8_t *qs, const _Float16 *d, int n0, int n1, const qx_t *qx, int mr,
                       float *y, int N)
 {
     const int nb = qx->nb, ng = qx->ng;
@@ -227,7 +231,7 @@ static void q8_0_rows(const int8_t *qs, const float *d, int n0, int n1, const qx
                 const int8_t *xb = qx->xq + ((size_t)r * ng + b / 4) * 128 + (b % 4) * 32;
                 int s = 0;
                 for (int j = 0; j < QK; j++) s += wr[b * QK + j] * xb[j];
-                acc += d[(size_t)n * nb + b] * qx->dxe[((size_t)r * ng + b / 4) * 32 + (b % 4) * 8] * (float)s;
+                acc += (float)d[(size_t)n * nb + b] * qx->dxe[((size_t)r * ng + b / 4) * 32 + (b % 4) * 8] * (float)s;
             }
             y[(size_t)r * N + n] = acc;
         }
@@ -239,7 +243,7 @@ static void q8_0_rows(const int8_t *qs, const float *d, int n0, int n1, const qx
  * matrix, large enough that scheduling is noise */
 #define NCHUNK 16
 
-static int run(int kind, const void *qs, const float *d, const float *mn, int N, int K,
+static int run(int kind, const void *qs, const _Float16 *d, const _Float16 *mn, int N, int K,
                const float *x, int M, float *y, int nthreads)
 {
     if (K % QK || N <= 0 || M <= 0) return 1;
@@ -269,13 +273,13 @@ static int run(int kind, const void *qs, const float *d, const float *mn, int N,
     return 0;
 }
 
-int septet_q4_1_mm(const uint8_t *qs, const float *d, const float *mn, int N, int K,
+int septet_q4_1_mm(const uint8_t *qs, const _Float16 *d, const _Float16 *mn, int N, int K,
                    const float *x, int M, float *y, int nthreads)
 {
     return run(4, qs, d, mn, N, K, x, M, y, nthreads);
 }
 
-int septet_q8_0_mm(const int8_t *qs, const float *d, int N, int K, const float *x, int M,
+int septet_q8_0_mm(const int8_t *qs, const _Float16 *d, int N, int K, const float *x, int M,
                    float *y, int nthreads)
 {
     return run(8, qs, d, NULL, N, K, x, M, y, nthreads);
