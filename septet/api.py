@@ -176,15 +176,21 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device
     head is int8 and recomputes each row's top logits in fp32 from the float embedding
     (`quant.RefinedHead`), so its logits are fp32 even with `dtype` bf16: on SmolLM2 that
     keeps llama.cpp parity (top-1 agreement 0.953 with llama.cpp, as fp32 septet and
-    transformers; 0.918 without it)."""
+    transformers; 0.918 without it).
+
+    `quant="auto"`: what the file already is (`native_quant`), so a 4-bit GGUF runs on the
+    4-bit kernels without losing anything; anything else loads unquantised."""
     from .checkpoints.convert import build_on_meta, load_any
 
     dtype = _dtype(dtype)
     text = str(name_or_path)
     if not Path(text).exists() and _resolve_name(text) is None and text in presets():
         model = build(get_preset(text).config).to(device=device, dtype=dtype).eval()
-        return _quantized(LoadedModel(model, None, None, name=text), quant, group_size)
+        return _quantized(LoadedModel(model, None, None, name=text), None if quant == "auto" else quant,
+                          group_size)
     p = model_path(text)
+    if quant == "auto":
+        quant = native_quant(p) if torch.device(device).type == "cpu" else None
     if quant:
         from .quant import QuantizeOnLoad
 
@@ -213,6 +219,32 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device
     return LoadedModel(model, loaded.tokenizer, Path(loaded.source), name=p.name,
                        chat_template=loaded.chat_template, bos_id=loaded.bos_id,
                        eos_ids=tuple(loaded.eos_ids), add_bos=loaded.add_bos)
+
+
+# GGUF block types that septet's int4 / int8 layers hold without loss or nearly so: Q4_1
+# re-quantises to itself exactly (its blocks span q = 0..15), Q4_0 to within its own step;
+# 5- and 6-bit types lose nothing in 8 bits but the 0.5 bits of 5-bit ones would in 4.
+_AUTO_INT4 = {"Q4_0", "Q4_1"}
+_AUTO_INT8 = _AUTO_INT4 | {"Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
+
+
+def native_quant(path: Path) -> str | None:
+    """The quantisation a checkpoint already has: "int4" for a GGUF whose transformer
+    matrices are all 4-bit blocks, "int8" for one whose matrices are 8-bit or below, else
+    None (float files, HF and septet checkpoints). The embedding / output matrix is not
+    counted: GGUF files keep it at higher precision (SmolLM2's Q4_1 file: Q8_0), and the
+    quantised head is int8 anyway."""
+    if path.suffix != ".gguf" or not path.is_file():
+        return None
+    from .checkpoints.gguf import read_gguf
+
+    types = {t.type_name for t in read_gguf(path).tensors.values()
+             if len(t.shape) == 2 and t.name.startswith("blk.")}
+    if not types:
+        return None
+    if types <= _AUTO_INT4:
+        return "int4"
+    return "int8" if types <= _AUTO_INT8 else None
 
 
 def _quantized(lm: LoadedModel, quant: str | None, group_size: int) -> LoadedModel:

@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> Any:
 def cmd_generate(args: argparse.Namespace) -> Any:
     from .api import load
 
-    lm = load(args.model, quant=args.quant, dtype=args.dtype)
+    lm = load(args.model, quant=None if args.quant == "none" else args.quant, dtype=args.dtype)
     if lm.tokenizer is None:
         raise ConfigError(f"--model {args.model}: a preset has random weights and no tokenizer; "
                           "pass a checkpoint directory from `septet train` or a model like smollm2")
@@ -118,7 +118,7 @@ def cmd_chat(args: argparse.Namespace) -> Any:
     from .api import load
     from .chat import ChatSession, run_repl
 
-    lm = load(args.model, quant=args.quant, dtype=args.dtype)
+    lm = load(args.model, quant=None if args.quant == "none" else args.quant, dtype=args.dtype)
     session = ChatSession(lm, system=args.system, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.compile:
@@ -164,8 +164,9 @@ def cmd_fetch(args: argparse.Namespace) -> Any:
 
 
 def _inference_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quant", choices=["int8", "int4"], default=None,
-                   help="weight-only quantised linear layers (CPU kernels)")
+    p.add_argument("--quant", choices=["auto", "none", "int8", "int4"], default="auto",
+                   help="weight-only quantised linear layers (CPU kernels); auto: the GGUF "
+                        "file's own 4 / 8-bit blocks, kept as they are (septet.api.native_quant)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (slow first call, faster tokens)")

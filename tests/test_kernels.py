@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from septet import kernels
 from septet.quant import Int4Linear, quantize_linear, quantize_model
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"septet kernels: {kernels.why_not()}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _built(septet_home):
+    """Build (or find) the kernels under the session's SEPTET_HOME, not at collection time."""
+    if not kernels.available():
+        pytest.skip(f"septet kernels: {kernels.why_not()}")
 
 
 def _fp16(t: torch.Tensor) -> torch.Tensor:
@@ -196,3 +202,32 @@ def test_a_failing_compiler_is_reported(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="failed"):
         kernels._build("false", "false")
     assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written left behind
+
+
+@pytest.mark.parametrize("dtype,want", [("f32", None), ("q8_0", "int8")])
+def test_auto_quant_follows_the_file(tmp_path, dtype, want):
+    """`quant="auto"` (the chat / generate default) keeps what a GGUF already is: a float
+    file loads unquantised, an 8-bit one on the int8 layers."""
+    from septet.api import native_quant
+    from septet.checkpoints.export_gguf import save_gguf
+    from septet.config import get_preset
+    from septet.models import build
+
+    torch.manual_seed(0)
+    cfg = get_preset("llama-tiny").config.replace(n_layer=1, vocab_size=256, d_model=64, n_head=4,
+                                                  n_kv_head=2)
+    path = save_gguf(build(cfg).eval(), cfg, tmp_path / "m.gguf", dtype=dtype)
+    assert native_quant(path) == want
+    assert native_quant(tmp_path) is None  # not a GGUF file
+
+
+def test_smollm2_auto_loads_on_the_4bit_kernels():
+    """SmolLM2's file is Q4_1 (embedding Q8_0): auto gives Q4Linear blocks and a Q8_0 head
+    that still answers."""
+    import septet
+    from septet.kernels.linear import Q4Linear, Q8Linear
+
+    lm = septet.load("smollm2", quant="auto")
+    assert isinstance(lm.model.blocks[0].attn.qkv_proj, Q4Linear)
+    assert isinstance(lm.model.quant_head.fast, Q8Linear)
+    assert "Paris" in lm.generate("The capital of France is", max_new_tokens=3, temperature=0)
