@@ -76,6 +76,9 @@ def _build(cc: str, cxx: str) -> Path:
         _run([cxx, *_CXX_FLAGS, abi, *(f"-I{p}" for p in include_paths()), str(SOURCES[1]), str(obj),
               "-o", str(so), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-lm"])
         os.replace(so, out)
+    for old in out.parent.glob("septet_kernels-*.so"):  # builds of other sources or machines
+        if old != out:
+            old.unlink(missing_ok=True)  # a process that has one loaded keeps its mapping
     return out
 
 
