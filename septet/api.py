@@ -174,9 +174,9 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device
     each block is quantised as soon as its weights are in, so the float model never
     exists whole; the result is the same as quantising the loaded float model. The output
     head is int8 and recomputes each row's top logits in fp32 from the float embedding
-    (`quant.RefinedHead`), so its logits are fp32 even with `dtype` bf16: on SmolLM2 that
-    keeps llama.cpp parity (top-1 agreement 0.953 with llama.cpp, as fp32 septet and
-    transformers; 0.918 without it).
+    (`quant.RefinedHead`), so its logits are fp32 even with `dtype` bf16. On SmolLM2 with
+    septet's kernels (llama.cpp's block arithmetic) int4 agrees with llama.cpp's top-1 at
+    0.955-0.960, above transformers' 0.953 (tests/test_llamacpp_parity.py).
 
     `quant="auto"`: what the file already is (`native_quant`), so a 4-bit GGUF runs on the
     4-bit kernels without losing anything; anything else loads unquantised."""
