@@ -179,12 +179,12 @@ def test_refined_head_recomputes_its_top_logits_in_fp32(head, dtype):
 def test_refined_head_in_chunks_and_untied(monkeypatch):
     """Many rows are refined a chunk at a time (same values); an untied int8 head refines
     from its own int8 rows (exact arithmetic on the quantised weights)."""
-    from septet import quant
+    from septet import refined_head
 
     emb, x = _near_tie_head(seed=1)
     fast = quantize_linear(emb.weight, "int8")
     whole = RefinedHead(fast, emb, top=4)(x)
-    monkeypatch.setattr(quant, "_REFINE_CHUNK", 4 * 64 * 3)  # 3 rows at a time
+    monkeypatch.setattr(refined_head, "_REFINE_CHUNK", 4 * 64 * 3)  # 3 rows at a time
     assert torch.equal(RefinedHead(fast, emb, top=4)(x.view(2, 20, 64)), whole.view(2, 20, 512))
     lin = nn.Linear(64, 512)
     with torch.no_grad():
