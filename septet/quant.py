@@ -71,8 +71,12 @@ _ROWS_PER_BLOCK = 1024
 
 
 class _QuantLinear(nn.Module):
+    """A weight-only quantised layer: `_kernel` for a few rows (decoding), the dequantised
+    weight and a dense matmul for many (`_dense`)."""
+
     out_features: int
     in_features: int
+    kernel_dtype = COMPUTE_DTYPE  # what `_kernel` takes and returns
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -81,15 +85,16 @@ class _QuantLinear(nn.Module):
         """The (N, K) weight this layer multiplies by, in the compute dtype."""
         raise NotImplementedError
 
+    def _dense(self, x2: torch.Tensor) -> bool:
+        return x2.shape[0] >= DEQUANT_MIN_ROWS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.dtype != COMPUTE_DTYPE:
-            x2 = x2.to(COMPUTE_DTYPE)
-        if x2.shape[0] >= DEQUANT_MIN_ROWS:
-            y = torch.nn.functional.linear(x2, self.dequantize())
+        if self._dense(x2):
+            y = torch.nn.functional.linear(x2.to(COMPUTE_DTYPE), self.dequantize())
         else:
-            y = self._kernel(x2)
+            y = self._kernel(x2.to(self.kernel_dtype))
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features).to(x.dtype)

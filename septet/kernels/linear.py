@@ -19,13 +19,11 @@ step; build them with `septet.kernels.available()` before constructing these lay
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..errors import ConfigError
+from ..quant import COMPUTE_DTYPE, DEQUANT_MIN_ROWS, _QuantLinear
 
 QK = 32
-COMPUTE_DTYPE = torch.bfloat16
-DEQUANT_MIN_ROWS = 32
 
 
 def _check_shape(weight: torch.Tensor, what: str) -> tuple[int, int]:
@@ -36,27 +34,15 @@ def _check_shape(weight: torch.Tensor, what: str) -> tuple[int, int]:
     return N, K
 
 
-class _BlockLinear(nn.Module):
-    out_features: int
-    in_features: int
+class _BlockLinear(_QuantLinear):
+    """septet's kernels take fp32 activations; only bf16 ones switch to the dequantised
+    dense matmul for many rows (see the module docstring)."""
+
+    kernel_dtype = torch.float32
     bias: torch.Tensor | None
 
-    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def dequantize(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.dtype != torch.float32 and x2.shape[0] >= DEQUANT_MIN_ROWS:
-            y = nn.functional.linear(x2.to(COMPUTE_DTYPE), self.dequantize())
-        else:
-            y = self._kernel(x2.float())
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+    def _dense(self, x2: torch.Tensor) -> bool:
+        return x2.dtype != torch.float32 and x2.shape[0] >= DEQUANT_MIN_ROWS
 
 
 class Q4Linear(_BlockLinear):
