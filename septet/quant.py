@@ -40,7 +40,6 @@ memory); the result is the model `quantize_model` makes from the loaded float mo
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from typing import Any
 
@@ -270,10 +269,10 @@ class Int4Linear(_QuantLinear):
 
 def septet_kernels(mode: str, group_size: int, in_features: int) -> bool:
     """Whether a `mode` layer uses septet's own kernels (septet.kernels: Q4_1 / Q8_0 blocks of
-    32, int8 activations like llama.cpp, ~2x torch's kernels when decoding) rather than
-    torch's: when they build here, the blocks fit (int4 groups of 32) and SEPTET_KERNELS is
-    not 0 (which selects torch's kernels, e.g. to compare the two)."""
-    if os.environ.get("SEPTET_KERNELS", "1") == "0" or in_features % 32:
+    32, int8 activations like llama.cpp; 1.1-1.7x torch's kernels per call at 2 threads,
+    docs/benchmarks.md) rather than torch's: when they are available here (SEPTET_KERNELS=0
+    selects torch's, e.g. to compare the two) and the blocks fit (int4 groups of 32)."""
+    if in_features % 32:
         return False
     if mode == "int4" and group_size != 32:
         return False

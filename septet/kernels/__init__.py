@@ -14,7 +14,6 @@ failed build, SEPTET_KERNELS=0) `why_not()` says why and callers use PyTorch's k
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import platform
@@ -30,7 +29,6 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "q4.c", HERE / "ops.cpp")
 _C_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11"]
 _CXX_FLAGS = ["-O2", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w"]
-_why: list[str] = []
 
 
 def _cpu_flags() -> str:
@@ -82,41 +80,45 @@ def _build(cc: str, cxx: str) -> Path:
     return out
 
 
-_state: list[bool] = []  # [loaded?] once decided: a plain global, cheap to read under torch.compile
+_loaded: list[bool] = []  # the build / load outcome once tried; a plain global, cheap to read under torch.compile
+_why = ""
+
+
+def available() -> bool:
+    """Whether the operators are loaded, building them on the first call; False when they
+    cannot be had here (see `why_not`) or SEPTET_KERNELS=0 (read on every call, so a caller
+    can switch to torch's kernels at any time)."""
+    if os.environ.get("SEPTET_KERNELS", "1") == "0":
+        return False
+    if not _loaded:
+        _loaded.append(_load())
+    return _loaded[0]
 
 
 def enabled() -> bool:
-    """`available()`, decided once per process. Under torch.compile's tracing an undecided
-    state reads as False (building there is not traceable): decide before compiling."""
-    if not _state:
-        if torch.compiler.is_compiling():
-            return False
-        available()
-    return _state[0]
-
-
-@functools.lru_cache(maxsize=None)
-def available() -> bool:
-    """Load the operators (building them if needed); False when they cannot be had here."""
-    _state[:] = [False]
-    if os.environ.get("SEPTET_KERNELS", "1") == "0":
-        _why.append("SEPTET_KERNELS=0")
+    """`available()` for code that torch.compile traces: there an untried build reads as
+    False (building is not traceable), so decide before compiling."""
+    if not _loaded and torch.compiler.is_compiling():
         return False
+    return available()
+
+
+def _load() -> bool:
+    global _why
     if sys.platform != "linux":
-        _why.append(f"built only on Linux, not {sys.platform}")
+        _why = f"built only on Linux, not {sys.platform}"
         return False
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cc is None or cxx is None:
-        _why.append("no C / C++ compiler (gcc, g++) on PATH")
+        _why = "no C / C++ compiler (gcc, g++) on PATH"
         return False
     try:
         torch.ops.load_library(str(_build(cc, cxx)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _why.append(f"building septet/kernels failed: {e}")
+        _why = f"building septet/kernels failed: {e}"
         return False
     _register_fakes()
-    _state[:] = [True]
     return True
 
 
@@ -138,4 +140,6 @@ def _register_fakes() -> None:
 
 def why_not() -> str | None:
     """Why `available()` is False, or None when the kernels are in use."""
-    return None if available() else "; ".join(_why) or "unknown"
+    if available():
+        return None
+    return "SEPTET_KERNELS=0" if os.environ.get("SEPTET_KERNELS", "1") == "0" else _why or "unknown"
