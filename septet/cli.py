@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> Any:
 def cmd_generate(args: argparse.Namespace) -> Any:
     from .api import load
 
-    lm = load(args.model, quant=None if args.quant == "none" else args.quant, dtype=args.dtype)
+    lm = load(args.model, quant=_quant(args), dtype=args.dtype)
     if lm.tokenizer is None:
         raise ConfigError(f"--model {args.model}: a preset has random weights and no tokenizer; "
                           "pass a checkpoint directory from `septet train` or a model like smollm2")
@@ -118,7 +118,7 @@ def cmd_chat(args: argparse.Namespace) -> Any:
     from .api import load
     from .chat import ChatSession, run_repl
 
-    lm = load(args.model, quant=None if args.quant == "none" else args.quant, dtype=args.dtype)
+    lm = load(args.model, quant=_quant(args), dtype=args.dtype)
     session = ChatSession(lm, system=args.system, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.compile:
@@ -161,6 +161,10 @@ def cmd_fetch(args: argparse.Namespace) -> Any:
         return {"name": args.name, "path": str(path)}
     print(path)
     return None
+
+
+def _quant(args: argparse.Namespace) -> str | None:
+    return None if args.quant == "none" else args.quant
 
 
 def _inference_flags(p: argparse.ArgumentParser) -> None:

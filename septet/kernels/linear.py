@@ -30,7 +30,7 @@ def _check_shape(weight: torch.Tensor, what: str) -> tuple[int, int]:
     N, K = weight.shape
     if K % QK:
         raise ConfigError(f"{what} needs in_features divisible by {QK}; a ({N}, {K}) weight is not; "
-                          "use --quant int8")
+                          "use septet.quant.quantize_linear, which falls back to torch's kernels")
     return N, K
 
 
