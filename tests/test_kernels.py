@@ -137,6 +137,22 @@ def test_decode_attention_equals_sdpa(H, Hkv, D):
     assert torch.equal(torch.ops.septet.decode_attention(q, k, v, mask, D ** -0.5)[1], torch.zeros(H, 1, D))
 
 
+def test_decoding_attention_takes_the_kernel():
+    """One fp32 query over a padded cache goes through septet's kernel (bit for bit its
+    output, which SDPA's is not), with SDPA's result to rounding."""
+    from septet.nn.attention import attend
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(2, 6, 1, 32, generator=g), torch.randn(2, 2, 40, 32, generator=g), torch.randn(2, 2, 40, 32, generator=g)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[0, :7] = False
+    with torch.no_grad():
+        got = attend(q, k, v, q_start=39, pad_mask=mask)
+    assert torch.equal(got, torch.ops.septet.decode_attention(q, k, v, mask, 32 ** -0.5))
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], enable_gqa=True)
+    torch.testing.assert_close(got, sdpa, rtol=1e-5, atol=1e-6)
+
+
 def test_portable_c_path_equals_the_avx512_path(tmp_path):
     """q4.c without AVX-512 VNNI (what another CPU compiles) gives the same numbers."""
     src = kernels.SOURCES[0]
