@@ -76,6 +76,46 @@ def test_stage1_batches_have_distinct_captions(data):
     assert len({train.captions[i] for i in ids}) == len(ids) == 20
 
 
+def test_answer_alpha_flattens_the_answer_distribution(data):
+    train, _ = data
+    counts = {a: sum(q.answer == a for q in train.questions) for a in train.answers}
+    counts = {a: n for a, n in counts.items() if n}
+    for alpha in (0.0, 0.5):
+        qs = D.sample_questions(train, 20000, torch.Generator().manual_seed(0), alpha)
+        assert qs == D.sample_questions(train, 20000, torch.Generator().manual_seed(0), alpha)  # deterministic
+        z = sum(n ** alpha for n in counts.values())
+        for a, n in counts.items():
+            share = sum(q.answer == a for q in qs) / len(qs)
+            assert share == pytest.approx(n ** alpha / z, abs=0.015), (alpha, a)
+    with pytest.raises(septet.errors.DataError, match="alpha"):
+        D.sample_questions(train, 4, torch.Generator(), 1.5)
+
+
+@pytest.mark.parametrize("arch", ["flamingo", "blip2"])
+def test_logits_at_selects_the_same_logits_as_the_full_forward(tmp_path, data, lm_dir, arch):
+    """Training asks for the logits at the answer tokens only; they must be the full
+    forward's logits at those positions."""
+    train, _ = data
+    run(tiny_train_config(arch, lm_dir, tmp_path / arch, steps=1), data, lm_dir)
+    vlm = load_vlm(tmp_path / arch)
+    with torch.no_grad():
+        for name, p in vlm.bridge.named_parameters():
+            if name.endswith("_gate"):
+                p.fill_(0.8)
+    b = D.flamingo_vqa_batch(train, vlm.fmt, 3, torch.Generator().manual_seed(0)) if arch == "flamingo" else \
+        D.blip_stage2_batch(train, vlm.fmt, 3, 1, torch.Generator().manual_seed(0))
+    at = b.targets != -100
+    with torch.no_grad():
+        if arch == "flamingo":
+            media = D.media_for(train, b.image_ids)
+            full, some = vlm.bridge(b.tokens, media), vlm.bridge(b.tokens, media, logits_at=at)
+        else:
+            feats = train.features.get([r[0] for r in b.image_ids])
+            full, some = vlm.bridge.model(feats, b.tokens), vlm.bridge.model(feats, b.tokens, logits_at=at)
+    assert some.shape == (int(at.sum()), full.shape[-1])
+    torch.testing.assert_close(some, full[at])
+
+
 # ----------------------------------------------------------------------------- training
 
 def test_flamingo_run_writes_a_bridge_only_checkpoint_and_resumes_exactly(tmp_path, data, lm_dir):

@@ -254,8 +254,10 @@ class Blip2(FrozenLMBridge):
         return self.proj(self.qformer(self.vision_norm(image)))
 
     def forward(self, image: torch.Tensor, tokens: torch.Tensor, *, cache=None,
-                pad_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """`pad_mask` (B, Q + T) marks real keys; the soft prompt's Q slots come first."""
+                pad_mask: torch.Tensor | None = None, last_only: bool = False,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """`pad_mask` (B, Q + T) marks real keys; the soft prompt's Q slots come first.
+        `logits_at` (B, T) bool over the text: return only those positions' logits (N, V)."""
         prompt = self.soft_prompt(image)  # (B, Q, C)
         Q, T = prompt.shape[1], tokens.shape[1]
         positions = self.lm.default_positions(Q + T, cache, tokens.device)  # (Q + T,)
@@ -264,6 +266,8 @@ class Blip2(FrozenLMBridge):
             prompt = prompt + pos_emb(positions[:Q])
         x = torch.cat((prompt.to(self.lm.tok_emb.weight.dtype), self.lm.embed(tokens, positions[Q:])), dim=1)
         h = self.lm.hidden_states(x, positions, cache=cache, pad_mask=pad_mask, last_only=last_only)
+        if logits_at is not None:
+            return self.lm.head_logits(h[:, Q:][logits_at])  # (N, V)
         logits = self.lm.head_logits(h)  # (B, Q + T, V) or (B, 1, V)
         return logits if last_only else logits[:, Q:]
 

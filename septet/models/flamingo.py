@@ -215,7 +215,9 @@ class Flamingo(FrozenLMBridge):
     def forward(self, tokens: torch.Tensor, media: torch.Tensor | None = None, *,
                 visual: torch.Tensor | None = None, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """`logits_at` (B, T) bool: return only those positions' logits, (N, V + 2) — training
+        needs them at the answer tokens only, and the 49k-row head is a fifth of the LM."""
         if tokens.dim() != 2:
             raise InputError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
         if bool((tokens < 0).any()) or bool((tokens >= self.vocab_size).any()):
@@ -242,8 +244,10 @@ class Flamingo(FrozenLMBridge):
                                   last_only=last_only, before_block=hook)  # (B, T, C)
         if isinstance(cache, FlamingoCache):
             cache.images_seen += tags
-        new_logits = h @ self.output_rows().to(h.dtype).t()  # (B, T, 2)
-        return torch.cat((self.lm.head_logits(h), new_logits), dim=-1)  # (B, T, V + 2)
+        if logits_at is not None:
+            h = h[logits_at]  # (N, C)
+        new_logits = h @ self.output_rows().to(h.dtype).t()  # (B, T, 2) or (N, 2)
+        return torch.cat((self.lm.head_logits(h), new_logits), dim=-1)  # (B, T, V + 2) or (N, V + 2)
 
     def _cross_attention(self, visual: torch.Tensor, mask: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
         """The LM's `before_block` hook: a GATED XATTN-DENSE before blocks 0, k, 2k, ..."""

@@ -16,7 +16,7 @@ def add_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
 TRAIN_FLAGS = {
     "steps": int, "stage1_steps": int, "lr": float, "stage1_lr": float, "warmup": int, "schedule": str,
     "weight_decay": float, "seed": int, "vqa_batch": int, "caption_batch": int, "interleaved_batch": int,
-    "interleaved_images": int, "vqa_weight": float, "caption_weight": float, "interleaved_weight": float,
+    "interleaved_images": int, "answer_alpha": float, "vqa_weight": float, "caption_weight": float, "interleaved_weight": float,
     "stage1_batch": int, "n_latents": int, "resampler_layers": int, "resampler_dim": int, "xattn_every": int,
     "ff_mult": int, "gate_lr_mult": float, "qformer_dim": int, "qformer_layers": int, "n_query": int, "eval_every": int,
     "eval_questions": int, "ckpt_every": int, "threads": int,

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from septet.errors import ConfigError
@@ -64,6 +65,7 @@ class VLMTrainConfig:
     caption_batch: int = 4
     interleaved_batch: int = 2
     interleaved_images: int = 3
+    answer_alpha: float = 1.0  # < 1: flatten the training answers' distribution (data.sample_questions)
     vqa_weight: float = 1.0
     caption_weight: float = 0.3
     interleaved_weight: float = 1.0
@@ -97,6 +99,8 @@ class VLMTrainConfig:
                 raise ConfigError(f"vlm train {name}={getattr(self, name)} must be >= 1")
         if self.arch == "blip2" and not 2 <= self.stage1_batch <= 24:
             raise ConfigError("vlm train stage1_batch must lie in [2, 24]: ITC needs distinct captions")
+        if not 0.0 <= self.answer_alpha <= 1.0:
+            raise ConfigError(f"vlm train answer_alpha={self.answer_alpha} must lie in [0, 1] (1 = natural frequencies)")
         if self.lr <= 0 or self.warmup < 0:
             raise ConfigError(f"vlm train lr={self.lr}, warmup={self.warmup}: need lr > 0 and warmup >= 0")
 
@@ -151,17 +155,20 @@ def _lr(tc: VLMTrainConfig, step: int) -> float:
 
 def flamingo_step(model, train: D.VQAData, fmt: D.Formatter, tc: VLMTrainConfig, g: torch.Generator) -> dict:
     """Forward/backward each dataset's batch; the gradients add up (weighted sum of losses)."""
-    plan = [("vqa", tc.vqa_weight, lambda: D.flamingo_vqa_batch(train, fmt, tc.vqa_batch, g)),
+    plan = [("vqa", tc.vqa_weight, lambda: D.flamingo_vqa_batch(train, fmt, tc.vqa_batch, g, tc.answer_alpha)),
             ("caption", tc.caption_weight, lambda: D.flamingo_caption_batch(train, fmt, tc.caption_batch, g)),
             ("interleaved", tc.interleaved_weight,
-             lambda: D.flamingo_interleaved_batch(train, fmt, tc.interleaved_batch, tc.interleaved_images, g))]
+             lambda: D.flamingo_interleaved_batch(train, fmt, tc.interleaved_batch, tc.interleaved_images, g,
+                                          tc.answer_alpha))]
     out, total = {}, 0.0
     for name, weight, make in plan:
         if weight <= 0 or (name == "caption" and tc.caption_batch < 1) or (
                 name == "interleaved" and tc.interleaved_batch < 1):
             continue
         b = make()
-        loss = model.loss(model(b.tokens, D.media_for(train, b.image_ids)), b.targets)  # (,)
+        at = b.targets != -100  # (B, T)
+        logits = model(b.tokens, D.media_for(train, b.image_ids), logits_at=at)  # (N, V + 2)
+        loss = F.cross_entropy(logits.float(), b.targets[at])  # (,)
         (weight * loss).backward()
         out[f"loss_{name}"] = loss.item()
         total += weight * loss.item()
@@ -178,10 +185,11 @@ def blip2_step(bridge, train: D.VQAData, fmt: D.Formatter, tc: VLMTrainConfig, s
         return {"stage": 1, "loss": losses.total.item(), "loss_itc": losses.itc.item(),
                 "loss_itm": losses.itm.item(), "loss_itg": losses.itg.item()}
     n_cap = tc.caption_batch if tc.caption_weight > 0 else 0
-    b = D.blip_stage2_batch(train, fmt, tc.vqa_batch, n_cap, g)
+    b = D.blip_stage2_batch(train, fmt, tc.vqa_batch, n_cap, g, tc.answer_alpha)
     feats = train.features.get([r[0] for r in b.image_ids])  # (B, N, D)
-    logits = bridge.model(feats, b.tokens)  # (B, T, V)
-    loss = bridge.model.loss(logits, b.targets)
+    at = b.targets != -100  # (B, T)
+    logits = bridge.model(feats, b.tokens, logits_at=at)  # (N, V)
+    loss = F.cross_entropy(logits.float(), b.targets[at])
     loss.backward()
     return {"stage": 2, "loss": loss.item()}
 
