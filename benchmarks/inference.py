@@ -101,10 +101,12 @@ def septet_settings() -> list[dict]:
     for q in ("int8", "int4"):
         out.append({"name": q, "dtype": "float32", "load": {"quant": q}})
         out.append({"name": f"bf16+{q}", "dtype": "bfloat16", "load": {"quant": q}})
+    # llama.cpp's arithmetic (activations quantised to int8 per block) on septet's kernels
+    out.append({"name": "int4-a8", "dtype": "float32", "load": {"quant": "int4-a8"}})
     out += [{**s, "name": f"{s['name']}+compile", "sampling": {"compile": True}} for s in list(out)]
     # the same quantised settings on torch's own int8/int4 kernels instead of septet's
     out += [{**s, "name": f"{s['name']} (torch kernels)", "env": {"SEPTET_KERNELS": "0"}}
-            for s in list(out) if "load" in s and s["name"].endswith("+compile")]
+            for s in list(out) if "load" in s and s["name"].endswith("+compile") and "-a8" not in s["name"]]
     return out
 
 

@@ -174,9 +174,11 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device
     each block is quantised as soon as its weights are in, so the float model never
     exists whole; the result is the same as quantising the loaded float model. The output
     head is int8 and recomputes each row's top logits in fp32 from the float embedding
-    (`quant.RefinedHead`), so its logits are fp32 even with `dtype` bf16. On SmolLM2 with
-    septet's kernels (llama.cpp's block arithmetic) int4 agrees with llama.cpp's top-1 at
-    0.955-0.960, above transformers' 0.953 (tests/test_llamacpp_parity.py).
+    (`quant.RefinedHead`), so its logits are fp32 even with `dtype` bf16. On septet's
+    kernels the activations stay fp32: SmolLM2 int4 is the fp32 function of its Q4_1
+    file, agreeing with llama.cpp's top-1 exactly as often as transformers (0.9530);
+    "int8-a8" / "int4-a8" quantise the activations per block of 32 as llama.cpp does
+    (0.955-0.960; tests/test_llamacpp_parity.py).
 
     `quant="auto"`: what the file already is (`native_quant`), so a 4-bit GGUF runs on the
     4-bit kernels without losing anything; anything else loads unquantised."""

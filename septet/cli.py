@@ -168,13 +168,11 @@ def _quant(args: argparse.Namespace) -> str | None:
 
 
 def _inference_flags(p: argparse.ArgumentParser) -> None:
-    # default none: on SmolLM2's Q4_1 file, llama.cpp's arithmetic (int8 activations, what
-    # int4 / auto run) answers "What is the capital of France?" with "L'Étoile, la Cité, ..."
-    # exactly as llama.cpp does, while the fp32 forward of the same weights says "Paris"
-    p.add_argument("--quant", choices=["none", "auto", "int8", "int4"], default="none",
-                   help="weight-only quantised linear layers on septet's CPU kernels (llama.cpp's "
-                        "block arithmetic; fastest with --compile); auto: a GGUF file's own 4 / "
-                        "8-bit blocks, kept as they are (septet.api.native_quant)")
+    p.add_argument("--quant", choices=["auto", "none", "int8", "int4", "int8-a8", "int4-a8"], default="auto",
+                   help="weight-only quantised linear layers on septet's CPU kernels (fastest with "
+                        "--compile). auto (default): a GGUF file's own 4 / 8-bit blocks, kept as they are "
+                        "(septet.api.native_quant), other files unquantised; -a8: activations quantised "
+                        "to 8 bits per block too, llama.cpp's arithmetic")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (slow first call, faster tokens)")

@@ -49,7 +49,14 @@ from torch import nn
 from .errors import CheckpointError, ConfigError
 from .refined_head import REFINE_TOP, RefinedHead
 
-MODES = ("int8", "int4")
+# "-a8": activations quantised to int8 per block of 32 as well (llama.cpp's arithmetic for
+# Q8_0 / Q4_1 weights; septet's kernels only). Without it the activations stay float.
+MODES = ("int8", "int4", "int8-a8", "int4-a8")
+
+
+def weight_mode(mode: str) -> str:
+    """"int4-a8" -> "int4": the weights' format, whatever the activations."""
+    return mode.removesuffix("-a8")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -87,11 +94,15 @@ class _QuantLinear(nn.Module):
     def _dense(self, x2: torch.Tensor) -> bool:
         return x2.shape[0] >= DEQUANT_MIN_ROWS
 
+    def _dense_dtype(self, x2: torch.Tensor) -> torch.dtype:
+        return COMPUTE_DTYPE
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self._dense(x2):
-            y = torch.nn.functional.linear(x2.to(COMPUTE_DTYPE), self.dequantize())
+            dt = self._dense_dtype(x2)
+            y = torch.nn.functional.linear(x2.to(dt), self.dequantize().to(dt))
         else:
             y = self._kernel(x2.to(self.kernel_dtype))
         if self.bias is not None:
@@ -269,12 +280,11 @@ class Int4Linear(_QuantLinear):
 
 def septet_kernels(mode: str, group_size: int, in_features: int) -> bool:
     """Whether a `mode` layer uses septet's own kernels (septet.kernels: Q4_1 / Q8_0 blocks of
-    32, int8 activations like llama.cpp; 1.1-1.7x torch's kernels per call at 2 threads,
-    docs/benchmarks.md) rather than torch's: when they are available here (SEPTET_KERNELS=0
+    32, docs/benchmarks.md) rather than torch's: when they are available here (SEPTET_KERNELS=0
     selects torch's, e.g. to compare the two) and the blocks fit (int4 groups of 32)."""
     if in_features % 32:
         return False
-    if mode == "int4" and group_size != 32:
+    if weight_mode(mode) == "int4" and group_size != 32:
         return False
     from . import kernels
 
@@ -283,26 +293,38 @@ def septet_kernels(mode: str, group_size: int, in_features: int) -> bool:
 
 def quantize_linear(layer: nn.Linear | torch.Tensor, mode: str, group_size: int = 32) -> nn.Module:
     """An int8 / int4 layer computing what `layer` (or a bare (N, K) weight) does: septet's
-    Q8Linear / Q4Linear where `septet_kernels` allows, else Int8Linear / Int4Linear."""
+    Q8Linear / Q4Linear where `septet_kernels` allows, else Int8Linear / Int4Linear (which
+    have no int8-activation arithmetic: "-a8" modes need septet's kernels)."""
     if mode not in MODES:
         raise ConfigError(f"quantisation {mode!r} is not one of {', '.join(MODES)}")
     if isinstance(layer, nn.Linear):
         weight, bias = layer.weight, layer.bias
     else:
         weight, bias = layer, None
+    wmode, a8 = weight_mode(mode), mode.endswith("-a8")
     if septet_kernels(mode, group_size, weight.shape[1]):
         from .kernels.linear import Q4Linear, Q8Linear
 
-        return Q8Linear(weight, bias) if mode == "int8" else Q4Linear(weight, bias)
-    _check_ops(mode)
-    if mode == "int8":
+        cls = Q8Linear if wmode == "int8" else Q4Linear
+        return cls(weight, bias, int8_act=a8)
+    if a8:
+        from . import kernels
+
+        why = kernels.why_not() or f"a ({weight.shape[0]}, {weight.shape[1]}) weight is not in blocks of 32"
+        raise ConfigError(f"--quant {mode} needs septet's kernels, which are not usable here ({why}); "
+                          f"use --quant {wmode}")
+    _check_ops(wmode)
+    if wmode == "int8":
         return Int8Linear(weight, bias)
     return Int4Linear(weight, bias, group_size=group_size)
 
 
 def _check_modes(mode: str, head: str | None) -> str:
-    """The head's mode, after checking both modes and that torch has their kernels."""
+    """The head's mode, after checking both modes. The head's activations follow the
+    model's: `head` "int8" under mode "int4-a8" is "int8-a8" (llama.cpp's arithmetic throughout)."""
     head_mode = head or mode
+    if mode.endswith("-a8") and not head_mode.endswith("-a8"):
+        head_mode += "-a8"
     if mode not in MODES:
         raise ConfigError(f"quantisation {mode!r} is not one of {', '.join(MODES)}")
     if head_mode not in MODES:
@@ -350,7 +372,7 @@ def quantize_model(model: nn.Module, mode: str, *, group_size: int = 32,
     """Replace the model's linear layers (and a tied head) by weight-only `mode` layers, in place.
 
     `head` is the mode of the output head (tied or not); by default int8, as GGUF files keep
-    the embedding at Q8_0. None: the same as `mode`. `refine`: how many of each row's best
+    the embedding at Q8_0 (with int8 activations when `mode` has them). None: the same as `mode`. `refine`: how many of each row's best
     logits the head recomputes in fp32 from float rows (RefinedHead; 0: none). Unrefined,
     the int8 head costs SmolLM2 3.5 points of top-1 agreement with llama.cpp and a 4-bit
     one ~14; refined, both match fp32's top-1, but a 4-bit head's other logits stay ~7x

@@ -1,5 +1,6 @@
-"""septet's own CPU kernels (septet/kernels): the Q4_1 / Q8_0 matmuls compute exactly
-llama.cpp's block arithmetic (int8 activations per block of 32, integer dot products), the
+"""septet's own CPU kernels (septet/kernels): the Q4_1 / Q8_0 matmuls compute either the fp32
+matmul with the dequantised weight, or exactly llama.cpp's block arithmetic (int8
+activations per block of 32, integer dot products), the
 decode-attention kernel equals SDPA, the portable C path equals the AVX-512 one, and the
 layers built on them behave like the torch-kernel layers (quantize_model, compile)."""
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from septet import kernels
+from septet.errors import ConfigError
 from septet.quant import Int4Linear, quantize_linear, quantize_model
 
 
@@ -62,12 +64,34 @@ def test_q4_1_and_q8_0_kernels_are_llamacpp_block_arithmetic(M, K):
     N = 50  # not a multiple of the kernel's 16-row chunks
     w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g) * 3
     x[0, :32] = 0.0  # an all-zero block: scale 0
-    for layer, ref in ((Q4Linear(w), _reference_q4), (Q8Linear(w), _reference_q8)):
+    for layer, ref in ((Q4Linear(w, int8_act=True), _reference_q4), (Q8Linear(w, int8_act=True), _reference_q8)):
         y = layer(x)
         want = ref(x, layer)
         scale = ref(x.abs(), layer).abs() if isinstance(layer, Q8Linear) else want.abs()
         assert y.dtype == torch.float32 and y.shape == (M, N)
         torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * float(scale.max()))
+
+
+@pytest.mark.parametrize("K", [32, 96, 160, 576])
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 11])
+def test_fp32_activation_kernels_are_the_dequantised_fp32_matmul(M, K):
+    """Default arithmetic: activations stay fp32 and each weight is d·q (+ m), so the kernel
+    is the fp32 matmul with the dequantised weight, to fp32 rounding of the sums."""
+    from septet.kernels.linear import Q4Linear, Q8Linear
+
+    g = torch.Generator().manual_seed(M * 1000 + K + 1)
+    N = 50
+    w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g) * 3
+    for layer in (Q4Linear(w), Q8Linear(w)):
+        assert not layer.int8_act
+        y = layer._kernel(x)
+        W = layer.dequantize().double()
+        want, size = x.double() @ W.t(), x.double().abs() @ W.abs().t()
+        assert y.dtype == torch.float32 and y.shape == (M, N)
+        assert float(((y.double() - want).abs() / size).max()) < 1e-6
+        # fp32 activations are not rounded to int8 (which the llama.cpp arithmetic is)
+        assert not torch.allclose(y, Q4Linear(w, int8_act=True)._kernel(x) if isinstance(layer, Q4Linear)
+                                  else Q8Linear(w, int8_act=True)._kernel(x), rtol=1e-5, atol=1e-5)
 
 
 def test_q4_1_weights_requantise_to_themselves():
@@ -88,9 +112,10 @@ def test_q4_1_weights_requantise_to_themselves():
     assert torch.equal(layer.d.float(), d) and torch.equal(layer.m.float(), m)
 
 
-def test_many_bf16_rows_take_the_dequantised_path():
-    """From DEQUANT_MIN_ROWS bf16 rows (a bf16 prefill) the layer multiplies by its
-    dequantised bf16 weight, d·q + m to bf16 precision; fp32 rows always take the kernel."""
+def test_many_rows_take_the_dequantised_path():
+    """From DEQUANT_MIN_ROWS rows (a prefill) the layer multiplies by its dequantised weight
+    d·q + m: in bf16 for bf16 rows, in fp32 for fp32 rows; under the int8-activation
+    arithmetic fp32 rows always take the kernel (llama.cpp's arithmetic for a prefill too)."""
     from septet.kernels.linear import DEQUANT_MIN_ROWS, Q4Linear
 
     g = torch.Generator().manual_seed(0)
@@ -98,25 +123,27 @@ def test_many_bf16_rows_take_the_dequantised_path():
     layer = Q4Linear(w)
     q = torch.cat((layer.qs & 15, layer.qs >> 4), dim=-1).double()
     exact = (q * layer.d.double()[..., None] + layer.m.double()[..., None]).view(48, 64)
-    torch.testing.assert_close(layer.dequantize().double(), exact, rtol=2 ** -8, atol=0)
-    torch.testing.assert_close(layer(x.bfloat16()), x.bfloat16() @ layer.dequantize().t())
-    torch.testing.assert_close(layer(x).double(), _reference_q4(x, layer), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer.dequantize().double(), exact, rtol=1e-7, atol=0)
+    torch.testing.assert_close(layer(x.bfloat16()), x.bfloat16() @ layer.dequantize().bfloat16().t())
+    assert torch.equal(layer(x), x @ layer.dequantize().t())
+    a8 = Q4Linear(w, int8_act=True)
+    torch.testing.assert_close(a8(x).double(), _reference_q4(x, a8), rtol=1e-5, atol=1e-4)
 
 
 def test_threads_do_not_change_results():
     from septet.kernels.linear import Q4Linear
 
     w, x = torch.randn(200, 192), torch.randn(5, 192)
-    layer = Q4Linear(w)
     before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = layer(x)
-        torch.set_num_threads(2)
-        two = layer(x)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(one, two)
+    for layer in (Q4Linear(w), Q4Linear(w, int8_act=True)):
+        try:
+            torch.set_num_threads(1)
+            one = layer(x)
+            torch.set_num_threads(2)
+            two = layer(x)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (4, 4, 24)])
@@ -167,15 +194,16 @@ def test_portable_c_path_equals_the_avx512_path(tmp_path):
 
     g = torch.Generator().manual_seed(3)
     w, x = torch.randn(40, 160, generator=g), torch.randn(3, 160, generator=g)
-    q4, q8 = Q4Linear(w), Q8Linear(w)
-    y4, y8 = torch.empty(3, 40), torch.empty(3, 40)
     p = ctypes.c_void_p
-    assert lib.septet_q4_1_mm(p(q4.qs.data_ptr()), p(q4.d.data_ptr()), p(q4.m.data_ptr()), 40, 160,
-                              p(x.data_ptr()), 3, p(y4.data_ptr()), 1) == 0
-    assert lib.septet_q8_0_mm(p(q8.qs.data_ptr()), p(q8.d.data_ptr()), 40, 160, p(x.data_ptr()), 3,
-                              p(y8.data_ptr()), 1) == 0
-    torch.testing.assert_close(y4, q4(x), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(y8, q8(x), rtol=1e-5, atol=1e-4)
+    for a8 in (False, True):
+        q4, q8 = Q4Linear(w, int8_act=a8), Q8Linear(w, int8_act=a8)
+        y4, y8 = torch.empty(3, 40), torch.empty(3, 40)
+        assert lib.septet_q4_1_mm(p(q4.qs.data_ptr()), p(q4.d.data_ptr()), p(q4.m.data_ptr()), 40, 160,
+                                  p(x.data_ptr()), 3, p(y4.data_ptr()), int(a8), 1) == 0
+        assert lib.septet_q8_0_mm(p(q8.qs.data_ptr()), p(q8.d.data_ptr()), 40, 160, p(x.data_ptr()), 3,
+                                  p(y8.data_ptr()), int(a8), 1) == 0
+        torch.testing.assert_close(y4, q4(x), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(y8, q8(x), rtol=1e-5, atol=1e-4)
     qh, k, v = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 10, 32), torch.randn(2, 2, 10, 32)
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[0, 7:] = False
@@ -190,7 +218,8 @@ def test_compiled_layer_equals_eager():
     from septet.kernels.linear import Q4Linear, Q8Linear
 
     torch._dynamo.reset()
-    layers = torch.nn.Sequential(Q4Linear(torch.randn(64, 96)), torch.nn.SiLU(), Q8Linear(torch.randn(32, 64)))
+    layers = torch.nn.Sequential(Q4Linear(torch.randn(64, 96)), torch.nn.SiLU(), Q8Linear(torch.randn(32, 64)),
+                                 Q4Linear(torch.randn(32, 32), int8_act=True))
     x = torch.randn(2, 96)
     with torch.no_grad():
         eager = layers(x)
@@ -206,11 +235,15 @@ def test_quantize_model_uses_the_kernels_unless_told_not_to(monkeypatch):
     cfg = get_preset("llama-tiny").config.replace(n_layer=1, vocab_size=256)
     torch.manual_seed(0)
     m = quantize_model(build(cfg).eval(), "int4")
-    assert isinstance(m.blocks[0].attn.qkv_proj, Q4Linear)
+    assert isinstance(m.blocks[0].attn.qkv_proj, Q4Linear) and not m.blocks[0].attn.qkv_proj.int8_act
     assert isinstance(m.lm_head.fast, Q8Linear)  # untied: refined from its own int8 rows
+    a8 = quantize_model(build(cfg).eval(), "int4-a8")
+    assert a8.blocks[0].attn.qkv_proj.int8_act and a8.lm_head.fast.int8_act
     assert isinstance(quantize_linear(torch.randn(16, 64), "int4", group_size=64), Int4Linear)  # not Q4_1 blocks
     monkeypatch.setenv("SEPTET_KERNELS", "0")
     assert isinstance(quantize_linear(torch.randn(16, 64), "int4"), Int4Linear)
+    with pytest.raises(ConfigError, match="int4-a8 needs septet's kernels.*SEPTET_KERNELS=0.*--quant int4"):
+        quantize_linear(torch.randn(16, 64), "int4-a8")
 
 
 def test_a_failing_compiler_is_reported(tmp_path, monkeypatch):

@@ -126,11 +126,11 @@ def _register_fakes() -> None:
     """Shapes for torch.compile's tracing (fake tensors)."""
 
     @torch.library.register_fake("septet::q4_1_mm")
-    def _(x, qs, d, m):
+    def _(x, qs, d, m, int8_act):
         return x.new_empty(x.shape[0], qs.shape[0])
 
     @torch.library.register_fake("septet::q8_0_mm")
-    def _(x, qs, d):
+    def _(x, qs, d, int8_act):
         return x.new_empty(x.shape[0], qs.shape[0])
 
     @torch.library.register_fake("septet::decode_attention")

@@ -6,12 +6,18 @@
 - `Q8Linear`: 8-bit weights in Q8_0 form (W = d·q, q in −127..127, d per block of 32), the
   form SmolLM2's GGUF stores its embedding in; used for the output head.
 
-With fp32 activations they always multiply with the C kernels, which quantise the
-activations per block to int8 as llama.cpp does (so septet computes llama.cpp's arithmetic:
-on SmolLM2 its top-1 agreement with llama.cpp is above transformers' own) and read the
-weights once for up to 8 rows. With bf16 activations and DEQUANT_MIN_ROWS rows or more (a
-bf16 prefill) they expand the weight to bf16 and use the dense (AMX) matmul instead, ~2.5x
-faster there and the bf16 model's own rounding anyway. The kernels are torch operators
+Two arithmetics (`int8_act`):
+- fp32 activations (default): the kernels expand each weight block to fp32 in registers, so
+  the result is the fp32 matmul with the dequantised weight at 4-bit memory traffic. From
+  DEQUANT_MIN_ROWS rows (a prefill) the layer expands the weight to fp32 and uses the dense
+  matmul instead, where the work is in the multiplies rather than in reading weights.
+- int8 activations (`quant="int4-a8"`): the kernels quantise the activations per block of
+  32 to int8 as llama.cpp does and multiply in integers, for any number of rows: septet then
+  computes llama.cpp's arithmetic (on SmolLM2 its top-1 agreement with llama.cpp is above
+  transformers' own).
+Either way the weights are read once for up to 8 rows. With bf16 activations and
+DEQUANT_MIN_ROWS rows or more (a bf16 prefill) they expand the weight to bf16 and use the
+dense (AMX) matmul, ~2.5x faster there and the bf16 model's own rounding anyway. The kernels are torch operators
 (septet/kernels/ops.cpp), so torch.compile keeps each as one call in the compiled decode
 step; build them with `septet.kernels.available()` before constructing these layers.
 """
@@ -35,21 +41,36 @@ def _check_shape(weight: torch.Tensor, what: str) -> tuple[int, int]:
 
 
 class _BlockLinear(_QuantLinear):
-    """septet's kernels take fp32 activations; only bf16 ones switch to the dequantised
-    dense matmul for many rows (see the module docstring)."""
+    """septet's kernels take fp32 activations; many rows switch to the dequantised dense
+    matmul, except under llama.cpp's int8-activation arithmetic (module docstring)."""
 
     kernel_dtype = torch.float32
     bias: torch.Tensor | None
+    int8_act: bool
 
     def _dense(self, x2: torch.Tensor) -> bool:
-        return x2.dtype != torch.float32 and x2.shape[0] >= DEQUANT_MIN_ROWS
+        if x2.dtype == torch.float32 and self.int8_act:
+            return False
+        return x2.shape[0] >= DEQUANT_MIN_ROWS
+
+    def _dense_dtype(self, x2: torch.Tensor) -> torch.dtype:
+        return torch.float32 if x2.dtype == torch.float32 else COMPUTE_DTYPE
+
+    def dequantize(self) -> torch.Tensor:
+        """(N, K) fp32: each weight as the kernels expand it."""
+        raise NotImplementedError
+
+    def _act(self) -> str:
+        return ", int8 activations" if self.int8_act else ""
 
 
 class Q4Linear(_BlockLinear):
     """y = x · Wᵀ + b, W in Q4_1 blocks of 32 inputs (see the module docstring)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows_per_block: int = 1024):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows_per_block: int = 1024,
+                 int8_act: bool = False):
         super().__init__()
+        self.int8_act = int8_act
         N, K = _check_shape(weight, "q4_1")
         self.out_features, self.in_features = N, K
         qs = torch.empty(N, K // QK, QK // 2, dtype=torch.uint8)
@@ -69,23 +90,26 @@ class Q4Linear(_BlockLinear):
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def dequantize(self) -> torch.Tensor:
-        """(N, K) in the compute dtype: each weight d·q + m in fp32, rounded once."""
+        """(N, K) fp32: each weight d·q + m."""
         N, K = self.out_features, self.in_features
         q = torch.cat((self.qs & 15, self.qs >> 4), dim=-1)  # (N, K/32, 32)
-        return torch.addcmul(self.m[..., None].float(), q, self.d[..., None].float()).to(COMPUTE_DTYPE).view(N, K)
+        return torch.addcmul(self.m[..., None].float(), q, self.d[..., None].float()).view(N, K)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.septet.q4_1_mm(x.contiguous(), self.qs, self.d, self.m)
+        return torch.ops.septet.q4_1_mm(x.contiguous(), self.qs, self.d, self.m, self.int8_act)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, q4_1"
+        return f"in_features={self.in_features}, out_features={self.out_features}, q4_1{self._act()}"
+
 
 
 class Q8Linear(_BlockLinear):
     """y = x · Wᵀ + b, W in Q8_0 blocks of 32 inputs (see the module docstring)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows_per_block: int = 1024):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows_per_block: int = 1024,
+                 int8_act: bool = False):
         super().__init__()
+        self.int8_act = int8_act
         N, K = _check_shape(weight, "q8_0")
         self.out_features, self.in_features = N, K
         qs = torch.empty(N, K // QK, QK, dtype=torch.int8)
@@ -102,14 +126,14 @@ class Q8Linear(_BlockLinear):
 
     def dequantize(self) -> torch.Tensor:
         N, K = self.out_features, self.in_features
-        return torch.mul(self.qs, self.d[..., None].float()).to(COMPUTE_DTYPE).view(N, K)
+        return torch.mul(self.qs, self.d[..., None].float()).view(N, K)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Weight rows `idx` (...,) -> (..., K) fp32, exact (for a refined head)."""
         return (self.qs[idx].float() * self.d[idx][..., None].float()).flatten(-2)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.septet.q8_0_mm(x.contiguous(), self.qs, self.d)
+        return torch.ops.septet.q8_0_mm(x.contiguous(), self.qs, self.d, self.int8_act)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, q8_0"
+        return f"in_features={self.in_features}, out_features={self.out_features}, q8_0{self._act()}"

@@ -1,4 +1,5 @@
-// The q4.c kernels as PyTorch operators (septet::q4_1_mm, septet::q8_0_mm), so that a call
+// The q4.c kernels as PyTorch operators (septet::q4_1_mm, septet::q8_0_mm; `int8_act` picks
+// llama.cpp's int8-activation arithmetic over the fp32 one), so that a call
 // costs what an aten op costs (~4 us here; a Python-registered op took 8-76 us, and the
 // decode step makes ~120 of these calls a token) and torch.compile keeps each as one node.
 #include <ATen/Parallel.h>
@@ -7,9 +8,9 @@
 #include <torch/library.h>
 
 extern "C" int septet_q4_1_mm(const void *qs, const void *d, const void *mn, int N, int K,
-                              const void *x, int M, void *y, int nthreads);
+                              const void *x, int M, void *y, int int8_act, int nthreads);
 extern "C" int septet_q8_0_mm(const void *qs, const void *d, int N, int K, const void *x, int M,
-                              void *y, int nthreads);
+                              void *y, int int8_act, int nthreads);
 
 extern "C" int septet_decode_attention(const float *q, const float *k, const float *v,
                                        const uint8_t *mask, float *out, int B, int H, int Hkv, int S,
@@ -29,22 +30,23 @@ void check(const at::Tensor &x, const at::Tensor &qs, const at::Tensor &d, int64
               "septet kernels: bad scales");
 }
 
-at::Tensor q4_1_mm(const at::Tensor &x, const at::Tensor &qs, const at::Tensor &d, const at::Tensor &m) {
+at::Tensor q4_1_mm(const at::Tensor &x, const at::Tensor &qs, const at::Tensor &d, const at::Tensor &m,
+                   bool int8_act) {
   check(x, qs, d, 16, at::kByte);
   TORCH_CHECK(m.scalar_type() == at::kHalf && m.is_contiguous() && m.numel() == d.numel(),
               "septet kernels: bad minimums");
   auto y = at::empty({x.size(0), qs.size(0)}, x.options());
   int rc = septet_q4_1_mm(qs.data_ptr(), d.data_ptr(), m.data_ptr(), qs.size(0), x.size(1), x.data_ptr(),
-                          x.size(0), y.data_ptr(), at::get_num_threads());
+                          x.size(0), y.data_ptr(), int8_act, at::get_num_threads());
   TORCH_CHECK(rc == 0, "septet_q4_1_mm failed with ", rc);
   return y;
 }
 
-at::Tensor q8_0_mm(const at::Tensor &x, const at::Tensor &qs, const at::Tensor &d) {
+at::Tensor q8_0_mm(const at::Tensor &x, const at::Tensor &qs, const at::Tensor &d, bool int8_act) {
   check(x, qs, d, 32, at::kChar);
   auto y = at::empty({x.size(0), qs.size(0)}, x.options());
   int rc = septet_q8_0_mm(qs.data_ptr(), d.data_ptr(), qs.size(0), x.size(1), x.data_ptr(), x.size(0),
-                          y.data_ptr(), at::get_num_threads());
+                          y.data_ptr(), int8_act, at::get_num_threads());
   TORCH_CHECK(rc == 0, "septet_q8_0_mm failed with ", rc);
   return y;
 }
@@ -71,8 +73,8 @@ at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::
 }  // namespace
 
 TORCH_LIBRARY(septet, lib) {
-  lib.def("q4_1_mm(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
-  lib.def("q8_0_mm(Tensor x, Tensor qs, Tensor d) -> Tensor");
+  lib.def("q4_1_mm(Tensor x, Tensor qs, Tensor d, Tensor m, bool int8_act) -> Tensor");
+  lib.def("q8_0_mm(Tensor x, Tensor qs, Tensor d, bool int8_act) -> Tensor");
   lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
 }
 

@@ -6,12 +6,15 @@
  * with d and mn in fp16, as GGML stores them: decoding one token reads every weight once,
  * and on this project's 2-core VM that is bounded by memory bandwidth (~8 GB/s), so every
  * byte per weight counts (fp32 scales would add 0.125 of Q4_1's 0.625).
- * The activations are quantised per block of 32 to int8 as llama.cpp does for these
- * weight types (Q8_1 / Q8_0: dx = amax / 127, q = round(x / dx), dx kept in fp16
- * precision), so each block's dot product is integer arithmetic and the result follows
- * the same arithmetic as llama.cpp's. The weights are read once per call whatever the
- * number of activation rows (up to 4 rows share each unpacked block), which is what makes
- * small batches cheap.
+ * Two arithmetics, chosen per call:
+ *   fp32 activations (the default): each weight is expanded in registers to d * q + mn in
+ *     fp32 and multiplied with the fp32 activations: the result is the fp32 matmul with the
+ *     dequantised weight (up to summation order), at 4-bit memory traffic;
+ *   int8 activations: quantised per block of 32 as llama.cpp does for these weight types
+ *     (Q8_1 / Q8_0: dx = amax / 127, q = round(x / dx), dx kept in fp16 precision), so each
+ *     block's dot product is integer arithmetic and the result follows llama.cpp's.
+ * The weights are read once per call whatever the number of activation rows (up to 8 rows
+ * share each unpacked block), which is what makes small batches cheap.
  *
  * Built at first use by septet/kernels/__init__.py with -O3 -march=native -fopenmp; the
  * AVX-512 VNNI path is used when the compiler targets it, a portable loop otherwise.
@@ -185,6 +188,87 @@ ALWAYS_INLINE void q8_0_tile(const int mr, const int8_t *qs, const _Float16 *d, 
     }
 }
 
+
+/* fp32 activations. Each block's weights are expanded once to fp32 (w = d * q + mn, one
+ * fma: the dequantised weight), then one fma per 16 weights per activation row. With one
+ * or two rows the fma chain per accumulator would be latency-bound (4 cycles each), so
+ * pairs of blocks go to separate accumulators there. */
+ALWAYS_INLINE void q4_1_f32_tile(const int mr, const uint8_t *qs, const _Float16 *d, const _Float16 *mn,
+                                 int n0, int n1, const float *x, int K, float *y, int N)
+{
+    const int nb = K / QK, U = mr <= 2 ? 2 : 1;
+    const __m512i lowmask = _mm512_set1_epi32(15);
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *wr = qs + (size_t)n * nb * 16;
+        const _Float16 *dr = d + (size_t)n * nb, *mrow = mn + (size_t)n * nb;
+        __m512 acc[8][2][2];
+        for (int r = 0; r < mr; r++)
+            for (int u = 0; u < U; u++) acc[r][u][0] = acc[r][u][1] = _mm512_setzero_ps();
+        int b = 0;
+        for (; b + U <= nb; b += U) {
+            for (int u = 0; u < U; u++) {
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wr + (b + u) * 16)));
+                const __m512 db = _mm512_set1_ps((float)dr[b + u]), mb = _mm512_set1_ps((float)mrow[b + u]);
+                const __m512 wlo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, lowmask)), db, mb);
+                const __m512 whi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), db, mb);
+                for (int r = 0; r < mr; r++) {
+                    const float *xb = x + (size_t)r * K + (b + u) * QK;
+                    acc[r][u][0] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xb), acc[r][u][0]);
+                    acc[r][u][1] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xb + 16), acc[r][u][1]);
+                }
+            }
+        }
+        for (; b < nb; b++) { /* the odd block left by U = 2 */
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wr + b * 16)));
+            const __m512 db = _mm512_set1_ps((float)dr[b]), mb = _mm512_set1_ps((float)mrow[b]);
+            const __m512 wlo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, lowmask)), db, mb);
+            const __m512 whi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), db, mb);
+            for (int r = 0; r < mr; r++) {
+                const float *xb = x + (size_t)r * K + b * QK;
+                acc[r][0][0] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xb), acc[r][0][0]);
+                acc[r][0][1] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xb + 16), acc[r][0][1]);
+            }
+        }
+        for (int r = 0; r < mr; r++) {
+            __m512 t = _mm512_add_ps(acc[r][0][0], acc[r][0][1]);
+            if (U == 2) t = _mm512_add_ps(t, _mm512_add_ps(acc[r][1][0], acc[r][1][1]));
+            y[(size_t)r * N + n] = _mm512_reduce_add_ps(t);
+        }
+    }
+}
+
+ALWAYS_INLINE void q8_0_f32_tile(const int mr, const int8_t *qs, const _Float16 *d, int n0, int n1,
+                                 const float *x, int K, float *y, int N)
+{
+    const int nb = K / QK, U = mr <= 2 ? 2 : 1;
+    for (int n = n0; n < n1; n++) {
+        const int8_t *wr = qs + (size_t)n * nb * QK;
+        const _Float16 *dr = d + (size_t)n * nb;
+        __m512 acc[8][2][2];
+        for (int r = 0; r < mr; r++)
+            for (int u = 0; u < U; u++) acc[r][u][0] = acc[r][u][1] = _mm512_setzero_ps();
+        int b = 0;
+        for (; b < nb; b += U) {
+            for (int u = 0; u < U && b + u < nb; u++) {
+                const __m512 db = _mm512_set1_ps((float)dr[b + u]);
+                const __m128i *wb = (const __m128i *)(wr + (b + u) * QK);
+                const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(wb))), db);
+                const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(wb + 1))), db);
+                for (int r = 0; r < mr; r++) {
+                    const float *xb = x + (size_t)r * K + (b + u) * QK;
+                    acc[r][u][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[r][u][0]);
+                    acc[r][u][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[r][u][1]);
+                }
+            }
+        }
+        for (int r = 0; r < mr; r++) {
+            __m512 t = _mm512_add_ps(acc[r][0][0], acc[r][0][1]);
+            if (U == 2) t = _mm512_add_ps(t, _mm512_add_ps(acc[r][1][0], acc[r][1][1]));
+            y[(size_t)r * N + n] = _mm512_reduce_add_ps(t);
+        }
+    }
+}
+
 #define DISPATCH(call_with_mr)                                   \
     switch (mr) {                                                \
     case 1: call_with_mr(1); break;                              \
@@ -211,6 +295,22 @@ static void q8_0_rows(const int8_t *qs, const _Float16 *d, int n0, int n1, const
 #define Q8(k) q8_0_tile(k, qs, d, n0, n1, qx, y, N)
     DISPATCH(Q8)
 #undef Q8
+}
+
+static void q4_1_f32_rows(const uint8_t *qs, const _Float16 *d, const _Float16 *mn, int n0, int n1,
+                          const float *x, int K, int mr, float *y, int N)
+{
+#define Q4F(k) q4_1_f32_tile(k, qs, d, mn, n0, n1, x, K, y, N)
+    DISPATCH(Q4F)
+#undef Q4F
+}
+
+static void q8_0_f32_rows(const int8_t *qs, const _Float16 *d, int n0, int n1, const float *x, int K, int mr,
+                          float *y, int N)
+{
+#define Q8F(k) q8_0_f32_tile(k, qs, d, n0, n1, x, K, y, N)
+    DISPATCH(Q8F)
+#undef Q8F
 }
 #else
 static void q4_1_rows(const uint8_t *qs, const _Float16 *d, const _Float16 *mn, int n0, int n1,
@@ -252,35 +352,81 @@ static void q8_0_rows(const int8_t *qs, const _Float16 *d, int n0, int n1, const
         }
     }
 }
+
+/* fp32 activations, portable: the dequantised weight d * q + mn times x, in fp32 */
+static void q4_1_f32_rows(const uint8_t *qs, const _Float16 *d, const _Float16 *mn, int n0, int n1,
+                          const float *x, int K, int mr, float *y, int N)
+{
+    const int nb = K / QK;
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *wr = qs + (size_t)n * nb * 16;
+        for (int r = 0; r < mr; r++) {
+            const float *xr = x + (size_t)r * K;
+            float acc = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                const float db = (float)d[(size_t)n * nb + b], mb = (float)mn[(size_t)n * nb + b];
+                for (int j = 0; j < 16; j++)
+                    acc += fmaf((float)(wr[b * 16 + j] & 15), db, mb) * xr[b * QK + j]
+                         + fmaf((float)(wr[b * 16 + j] >> 4), db, mb) * xr[b * QK + 16 + j];
+            }
+            y[(size_t)r * N + n] = acc;
+        }
+    }
+}
+
+static void q8_0_f32_rows(const int8_t *qs, const _Float16 *d, int n0, int n1, const float *x, int K, int mr,
+                          float *y, int N)
+{
+    const int nb = K / QK;
+    for (int n = n0; n < n1; n++) {
+        const int8_t *wr = qs + (size_t)n * nb * QK;
+        for (int r = 0; r < mr; r++) {
+            const float *xr = x + (size_t)r * K;
+            float acc = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                const float db = (float)d[(size_t)n * nb + b];
+                for (int j = 0; j < QK; j++) acc += ((float)wr[b * QK + j] * db) * xr[b * QK + j];
+            }
+            y[(size_t)r * N + n] = acc;
+        }
+    }
+}
 #endif
 
 /* rows of W per OpenMP work item: small enough to balance 2-16 threads on a 576-row
  * matrix, large enough that scheduling is noise */
 #define NCHUNK 16
 
-static int run(int kind, const void *qs, const _Float16 *d, const _Float16 *mn, int N, int K,
+static int run(int kind, int int8_act, const void *qs, const _Float16 *d, const _Float16 *mn, int N, int K,
                const float *x, int M, float *y, int nthreads)
 {
     if (K % QK || N <= 0 || M <= 0) return 1;
-    qx_t qx;
-    if (quantize_x(x, M, K, kind == 4, &qx)) return 2;
+    qx_t qx = {0};
+    if (int8_act && quantize_x(x, M, K, kind == 4, &qx)) return 2;
     const int nchunks = (N + NCHUNK - 1) / NCHUNK;
     /* 8 activation rows per pass over the weights: each weight block is unpacked once
      * for all of them */
     for (int m0 = 0; m0 < M; m0 += 8) {
         const int mr = M - m0 < 8 ? M - m0 : 8;
         qx_t sub = qx;
-        sub.xq += (size_t)m0 * qx.ng * 128;
-        sub.dxe += (size_t)m0 * qx.ng * 32;
-        sub.sx += (size_t)m0 * qx.nbs;
+        if (int8_act) {
+            sub.xq += (size_t)m0 * qx.ng * 128;
+            sub.dxe += (size_t)m0 * qx.ng * 32;
+            sub.sx += (size_t)m0 * qx.nbs;
+        }
+        const float *xm = x + (size_t)m0 * K;
         float *ym = y + (size_t)m0 * N;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int c = 0; c < nchunks; c++) {
             const int n0 = c * NCHUNK, n1 = n0 + NCHUNK < N ? n0 + NCHUNK : N;
-            if (kind == 4)
+            if (kind == 4 && int8_act)
                 q4_1_rows(qs, d, mn, n0, n1, &sub, mr, ym, N);
-            else
+            else if (kind == 4)
+                q4_1_f32_rows(qs, d, mn, n0, n1, xm, K, mr, ym, N);
+            else if (int8_act)
                 q8_0_rows(qs, d, n0, n1, &sub, mr, ym, N);
+            else
+                q8_0_f32_rows(qs, d, n0, n1, xm, K, mr, ym, N);
         }
     }
     free(qx.xq);
@@ -289,15 +435,15 @@ static int run(int kind, const void *qs, const _Float16 *d, const _Float16 *mn, 
 }
 
 int septet_q4_1_mm(const uint8_t *qs, const _Float16 *d, const _Float16 *mn, int N, int K,
-                   const float *x, int M, float *y, int nthreads)
+                   const float *x, int M, float *y, int int8_act, int nthreads)
 {
-    return run(4, qs, d, mn, N, K, x, M, y, nthreads);
+    return run(4, int8_act, qs, d, mn, N, K, x, M, y, nthreads);
 }
 
 int septet_q8_0_mm(const int8_t *qs, const _Float16 *d, int N, int K, const float *x, int M,
-                   float *y, int nthreads)
+                   float *y, int int8_act, int nthreads)
 {
-    return run(8, qs, d, NULL, N, K, x, M, y, nthreads);
+    return run(8, int8_act, qs, d, NULL, N, K, x, M, y, nthreads);
 }
 
 #if SEPTET_VNNI
