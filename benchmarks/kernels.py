@@ -5,9 +5,10 @@
 
 For each of SmolLM2-135M's matrix shapes (packed q/k/v, attention output, packed gate/up,
 down, the 49,152-row head) and each activation row count: the time of one multiply by
-septet's Q4_1 layer (`septet.kernels.linear.Q4Linear`) and by torch's int4 layer
-(`septet.quant.Int4Linear`: `aten._weight_int4pack_mm_for_cpu`, bf16 activations), and of
-septet's Q8_0 layer against torch's int8 one (`aten._weight_int8pack_mm`), all on the
+septet's Q4_1 layer (`septet.kernels.linear.Q4Linear`; fp32 activations, and "-a8": int8
+activations as llama.cpp) and by torch's int4 layer (`septet.quant.Int4Linear`:
+`aten._weight_int4pack_mm_for_cpu`, bf16 activations), and of septet's Q8_0 layer against
+torch's int8 one (`aten._weight_int8pack_mm`), all on the
 same random weight, interleaved (A B A B ...) so background load hits both alike; median of
 --reps calls. Also the one-token attention (`septet::decode_attention`) against SDPA on a
 256-slot cache with 64 slots filled. The ratio is torch's time / septet's (> 1: septet
@@ -73,7 +74,9 @@ def main() -> None:
             x = torch.randn(M, K, generator=g)
             xb = x.bfloat16()
             reps = max(5, args.reps // 10) if name == "head" else args.reps
-            pairs = {"int4": (Q4Linear(w), Int4Linear(w)), "int8": (Q8Linear(w), Int8Linear(w))}
+            t4, t8 = Int4Linear(w), Int8Linear(w)
+            pairs = {"int4": (Q4Linear(w), t4), "int4-a8": (Q4Linear(w, int8_act=True), t4),
+                     "int8": (Q8Linear(w), t8), "int8-a8": (Q8Linear(w, int8_act=True), t8)}
             with torch.inference_mode():
                 for kind, (ours, theirs) in pairs.items():
                     ts, tt = _median_pair(lambda: ours(x), lambda: theirs(xb), reps)

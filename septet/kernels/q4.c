@@ -190,75 +190,76 @@ ALWAYS_INLINE void q8_0_tile(const int mr, const int8_t *qs, const _Float16 *d, 
 
 
 /* fp32 activations. Each block's weights are expanded once to fp32 (w = d * q + mn, one
- * fma: the dequantised weight), then one fma per 16 weights per activation row. With one
- * or two rows the fma chain per accumulator would be latency-bound (4 cycles each), so
- * pairs of blocks go to separate accumulators there. */
-ALWAYS_INLINE void q4_1_f32_tile(const int mr, const uint8_t *qs, const _Float16 *d, const _Float16 *mn,
-                                 int n0, int n1, const float *x, int K, float *y, int N)
+ * fma: the dequantised weight), then one fma per 16 weights per activation row. The fp16
+ * scales of SPAN blocks at a time are converted to fp32 first (16 per instruction), so
+ * each block broadcasts its scales straight from memory instead of converting them one by
+ * one on the vector ports. With one or two rows the fma chain per accumulator would be
+ * latency-bound (4 cycles each), so pairs of blocks go to separate accumulators there. */
+#define SPAN 64
+
+static inline void scales_to_f32(const _Float16 *src, int n, float *dst)
 {
-    const int nb = K / QK, U = mr <= 2 ? 2 : 1;
-    const __m512i lowmask = _mm512_set1_epi32(15);
-    for (int n = n0; n < n1; n++) {
-        const uint8_t *wr = qs + (size_t)n * nb * 16;
-        const _Float16 *dr = d + (size_t)n * nb, *mrow = mn + (size_t)n * nb;
-        __m512 acc[8][2][2];
-        for (int r = 0; r < mr; r++)
-            for (int u = 0; u < U; u++) acc[r][u][0] = acc[r][u][1] = _mm512_setzero_ps();
-        int b = 0;
-        for (; b + U <= nb; b += U) {
-            for (int u = 0; u < U; u++) {
-                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wr + (b + u) * 16)));
-                const __m512 db = _mm512_set1_ps((float)dr[b + u]), mb = _mm512_set1_ps((float)mrow[b + u]);
-                const __m512 wlo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, lowmask)), db, mb);
-                const __m512 whi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), db, mb);
-                for (int r = 0; r < mr; r++) {
-                    const float *xb = x + (size_t)r * K + (b + u) * QK;
-                    acc[r][u][0] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xb), acc[r][u][0]);
-                    acc[r][u][1] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xb + 16), acc[r][u][1]);
-                }
-            }
-        }
-        for (; b < nb; b++) { /* the odd block left by U = 2 */
-            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wr + b * 16)));
-            const __m512 db = _mm512_set1_ps((float)dr[b]), mb = _mm512_set1_ps((float)mrow[b]);
-            const __m512 wlo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, lowmask)), db, mb);
-            const __m512 whi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), db, mb);
-            for (int r = 0; r < mr; r++) {
-                const float *xb = x + (size_t)r * K + b * QK;
-                acc[r][0][0] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xb), acc[r][0][0]);
-                acc[r][0][1] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xb + 16), acc[r][0][1]);
-            }
-        }
-        for (int r = 0; r < mr; r++) {
-            __m512 t = _mm512_add_ps(acc[r][0][0], acc[r][0][1]);
-            if (U == 2) t = _mm512_add_ps(t, _mm512_add_ps(acc[r][1][0], acc[r][1][1]));
-            y[(size_t)r * N + n] = _mm512_reduce_add_ps(t);
-        }
+    for (int j = 0; j < n; j += 16) {
+        const __mmask16 k = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, src + j)));
     }
 }
 
-ALWAYS_INLINE void q8_0_f32_tile(const int mr, const int8_t *qs, const _Float16 *d, int n0, int n1,
-                                 const float *x, int K, float *y, int N)
+ALWAYS_INLINE void q4_1_f32_block(const int mr, const int u, const uint8_t *wb, float db, float mb,
+                                  const float *xb, int K, __m512 acc[8][2][2])
 {
-    const int nb = K / QK, U = mr <= 2 ? 2 : 1;
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)wb));
+    const __m512 dv = _mm512_set1_ps(db), mv = _mm512_set1_ps(mb);
+    const __m512 wlo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), dv, mv);
+    const __m512 whi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), dv, mv);
+    for (int r = 0; r < mr; r++) {
+        acc[r][u][0] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xb + (size_t)r * K), acc[r][u][0]);
+        acc[r][u][1] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xb + (size_t)r * K + 16), acc[r][u][1]);
+    }
+}
+
+ALWAYS_INLINE void q8_0_f32_block(const int mr, const int u, const int8_t *wb, float db, const float *xb,
+                                  int K, __m512 acc[8][2][2])
+{
+    const __m512 dv = _mm512_set1_ps(db);
+    const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wb))), dv);
+    const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wb + 1))), dv);
+    for (int r = 0; r < mr; r++) {
+        acc[r][u][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + (size_t)r * K), acc[r][u][0]);
+        acc[r][u][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + (size_t)r * K + 16), acc[r][u][1]);
+    }
+}
+
+/* kind 4: q4_1 (16 bytes and d, mn per block); kind 8: q8_0 (32 bytes and d per block) */
+ALWAYS_INLINE void f32_tile(const int kind, const int mr, const void *qs, const _Float16 *d, const _Float16 *mn,
+                            int n0, int n1, const float *x, int K, float *y, int N)
+{
+    const int nb = K / QK, U = mr <= 2 ? 2 : 1, bytes = kind == 4 ? 16 : QK;
+    float df[SPAN] __attribute__((aligned(64))), mf[SPAN] __attribute__((aligned(64)));
     for (int n = n0; n < n1; n++) {
-        const int8_t *wr = qs + (size_t)n * nb * QK;
-        const _Float16 *dr = d + (size_t)n * nb;
+        const uint8_t *wr = (const uint8_t *)qs + (size_t)n * nb * bytes;
         __m512 acc[8][2][2];
         for (int r = 0; r < mr; r++)
             for (int u = 0; u < U; u++) acc[r][u][0] = acc[r][u][1] = _mm512_setzero_ps();
-        int b = 0;
-        for (; b < nb; b += U) {
-            for (int u = 0; u < U && b + u < nb; u++) {
-                const __m512 db = _mm512_set1_ps((float)dr[b + u]);
-                const __m128i *wb = (const __m128i *)(wr + (b + u) * QK);
-                const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(wb))), db);
-                const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(wb + 1))), db);
-                for (int r = 0; r < mr; r++) {
-                    const float *xb = x + (size_t)r * K + (b + u) * QK;
-                    acc[r][u][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[r][u][0]);
-                    acc[r][u][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[r][u][1]);
+        for (int c0 = 0; c0 < nb; c0 += SPAN) {
+            const int c1 = c0 + SPAN < nb ? c0 + SPAN : nb;
+            scales_to_f32(d + (size_t)n * nb + c0, c1 - c0, df);
+            if (kind == 4) scales_to_f32(mn + (size_t)n * nb + c0, c1 - c0, mf);
+            int b = c0;
+            for (; b + U <= c1; b += U)
+                for (int u = 0; u < U; u++) {
+                    if (kind == 4)
+                        q4_1_f32_block(mr, u, wr + (size_t)(b + u) * 16, df[b + u - c0], mf[b + u - c0],
+                                       x + (b + u) * QK, K, acc);
+                    else
+                        q8_0_f32_block(mr, u, (const int8_t *)wr + (size_t)(b + u) * QK, df[b + u - c0],
+                                       x + (b + u) * QK, K, acc);
                 }
+            for (; b < c1; b++) { /* the odd block left by U = 2 */
+                if (kind == 4)
+                    q4_1_f32_block(mr, 0, wr + (size_t)b * 16, df[b - c0], mf[b - c0], x + b * QK, K, acc);
+                else
+                    q8_0_f32_block(mr, 0, (const int8_t *)wr + (size_t)b * QK, df[b - c0], x + b * QK, K, acc);
             }
         }
         for (int r = 0; r < mr; r++) {
@@ -300,7 +301,7 @@ static void q8_0_rows(const int8_t *qs, const _Float16 *d, int n0, int n1, const
 static void q4_1_f32_rows(const uint8_t *qs, const _Float16 *d, const _Float16 *mn, int n0, int n1,
                           const float *x, int K, int mr, float *y, int N)
 {
-#define Q4F(k) q4_1_f32_tile(k, qs, d, mn, n0, n1, x, K, y, N)
+#define Q4F(k) f32_tile(4, k, qs, d, mn, n0, n1, x, K, y, N)
     DISPATCH(Q4F)
 #undef Q4F
 }
@@ -308,7 +309,7 @@ static void q4_1_f32_rows(const uint8_t *qs, const _Float16 *d, const _Float16 *
 static void q8_0_f32_rows(const int8_t *qs, const _Float16 *d, int n0, int n1, const float *x, int K, int mr,
                           float *y, int N)
 {
-#define Q8F(k) q8_0_f32_tile(k, qs, d, n0, n1, x, K, y, N)
+#define Q8F(k) f32_tile(8, k, qs, d, NULL, n0, n1, x, K, y, N)
     DISPATCH(Q8F)
 #undef Q8F
 }
