@@ -102,3 +102,20 @@ def test_easy_vqa_on_a_plain_lm_is_a_clear_error(runs, capsys):
     assert "easy-vqa" in registered_tasks()
     with pytest.raises(Exception, match="vision-language checkpoint"):
         get_task("easy-vqa").evaluate(None, 0)
+
+
+def test_retrieval_eval_uses_the_stage1_bridge(runs, tmp_path, capsys):
+    stage1 = runs["blip2"] / "stage1"
+    assert (stage1 / "config.json").is_file()  # kept by the trainer at the end of stage 1
+    rc = main(["eval", "--model", str(runs["blip2"]), "--task", "easy-vqa-retrieval", "--limit", "6",
+               "--out", str(tmp_path / "ret"), "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    got = {r["metric"]: r for r in res["results"]}
+    for tag in ("itc", "itm"):
+        assert got[f"i2t_R@1_{tag}"]["n"] == 6 and 0 <= got[f"i2t_R@1_{tag}"]["value"] <= got[f"i2t_R@5_{tag}"]["value"]
+        assert got[f"t2i_R@1_{tag}"]["value"] <= got[f"t2i_R@10_{tag}"]["value"] <= 1
+    assert all(r["notes"]["checkpoint"] == str(stage1) for r in res["results"])
+    assert main(["eval", "--model", str(runs["flamingo"]), "--task", "easy-vqa-retrieval", "--limit", "2"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs BLIP-2's ITC / ITM heads" in err[0]

@@ -7,6 +7,11 @@ with random and RICES support (0 shots: also free generation), BLIP-2's zero-sho
 and the majority-answer and text-only baselines on the same questions; the report files are
 the usual results.json / results.md / results.png of septet.eval.report.
 
+`--task easy-vqa-retrieval` (BLIP-2 only) reports image -> text and text -> image recall
+over the same test images and their captions, ranked by ITC and re-ranked by ITM
+(septet.vlm.retrieval), with the run's stage-1 bridge (`RUN/stage1`), as BLIP-2 retrieves
+with its first-stage model (§4.4): stage 2 trains the Q-Former for the LM alone.
+
 `--limit N` evaluates N random test images with all their questions (default 55 images,
 about 530 questions); `--seed` picks them and the random support sets.
 """
@@ -23,6 +28,7 @@ from septet.errors import InputError
 from septet.eval.tasks import register_task
 
 TASK = "easy-vqa"
+RETRIEVAL = "easy-vqa-retrieval"
 
 
 class EasyVQATask:
@@ -40,6 +46,30 @@ class EasyVQATask:
 
 register_task(TASK, EasyVQATask, "easy-VQA accuracy of a VLM checkpoint (Flamingo k-shot, BLIP-2 0-shot) "
                                  "with majority and text-only baselines")
+
+
+class EasyVQARetrievalTask(EasyVQATask):
+    name = label = RETRIEVAL
+
+    def evaluate(self, lm, shots: int, *, limit=None, seed=None, progress=None):
+        raise InputError(f"--task {RETRIEVAL} needs a BLIP-2 checkpoint from `septet vlm train --arch blip2` as --model")
+
+
+register_task(RETRIEVAL, EasyVQARetrievalTask, "image-text retrieval recall of a BLIP-2 checkpoint on easy-VQA "
+                                               "(ITC, then ITM re-ranking)")
+
+
+def stage1_checkpoint(model: str) -> tuple[Path, str | None]:
+    """The checkpoint BLIP-2 retrieves with: the run's stage-1 bridge when there is one
+    (RUN/stage1, or next to a step-* checkpoint), else `model` itself with a note."""
+    from .train import STAGE1_DIR
+
+    p = Path(model)
+    for cand in (p / STAGE1_DIR, p.parent / STAGE1_DIR):
+        if (cand / "config.json").is_file():
+            return cand, None
+    return p, (f"{model} has no {STAGE1_DIR}/ checkpoint next to it; retrieving with its own ITC / ITM heads, "
+               "which stage-2 training (if any) has drifted from")
 
 
 def is_vlm_model(model: str) -> bool:
@@ -60,12 +90,13 @@ def cmd_eval_vlm(args: argparse.Namespace):
     from septet.eval.cli import parse_shots
     from septet.eval.report import markdown_table, results_json, write_report
     from . import data as D
-    from .evaluate import EvalConfig, baselines, evaluate_vlm
-    from .infer import eos_id_of, load_vlm
+    from .evaluate import EvalConfig
+    from .infer import load_vlm
 
     specs = [s.strip() for s in args.task.split(",") if s.strip()]
-    if specs != [TASK]:
-        raise InputError(f"--model {args.model} is a vision-language checkpoint; the only task it runs is {TASK}")
+    if not specs or set(specs) - {TASK, RETRIEVAL}:
+        raise InputError(f"--model {args.model} is a vision-language checkpoint; the tasks it runs are "
+                         f"{TASK} and {RETRIEVAL}")
     shots = parse_shots(args.shots)
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")
@@ -80,21 +111,29 @@ def cmd_eval_vlm(args: argparse.Namespace):
     notes = []
     if vlm.arch != "flamingo" and any(k > 0 for k in shots):
         notes.append("BLIP-2 is evaluated zero-shot only (its soft prompt holds one image); skipping shots > 0")
-    test, train = vlm.view(D.load_easyvqa("test")), vlm.view(D.load_easyvqa("train"))
+    if vlm.arch != "blip2" and RETRIEVAL in specs:
+        raise InputError(f"--task {RETRIEVAL} needs BLIP-2's ITC / ITM heads; {args.model} is {vlm.arch}")
     say = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     started = time.time()
     rows = []
-    for r in evaluate_vlm(vlm, test, train, ec, progress=say):
-        how = r.name.split()[-1] if r.name.endswith(("random", "rices")) else ""
-        rows.append(_row(TASK, r.shots, "acc_ranked" + (f"_{how}" if how else ""), r.ranked, r.n,
-                         primary=how in ("", "rices")))
-        if r.generated is not None:
-            rows.append(_row(TASK, r.shots, "acc_generated", r.generated, r.n_generated))
-    for b in baselines(loaded.model, loaded.tokenizer, eos_id_of(loaded), train, test, ec):
-        rows.append(_row(f"{TASK} baseline: {b.name}", 0, "acc", b.ranked, b.n))
-    meta = {"model": str(args.model), "arch": vlm.arch, "lm": lm_name, "tasks": [TASK], "shots": shots,
+    if TASK in specs:
+        rows += _vqa_rows(vlm, loaded, ec, say)
+    if RETRIEVAL in specs:
+        from .evaluate import test_subset
+        from .retrieval import evaluate_retrieval
+
+        path, note = stage1_checkpoint(args.model)
+        if note:
+            notes.append(note)
+        retriever = vlm if path == Path(args.model) else load_vlm(path, lm=loaded)
+        test = retriever.view(D.load_easyvqa("test"))
+        for r in evaluate_retrieval(retriever, test, test_subset(test, ec.images, ec.seed)):
+            rows.append(_row(RETRIEVAL, 0, r.metric, r.value, r.n, primary=r.metric == "i2t_R@1_itm",
+                             notes={"checkpoint": str(path)}))
+        say(f"{RETRIEVAL}: " + ", ".join(f"{r.metric} {r.value:.1%}" for r in rows if r.task == RETRIEVAL))
+    meta = {"model": str(args.model), "arch": vlm.arch, "lm": lm_name, "tasks": specs, "shots": shots,
             "test_images": ec.images, "seed": ec.seed, "seconds": round(time.time() - started, 1), "warnings": notes}
-    out = Path(args.out) if args.out else Path("eval_results") / f"{vlm.arch}-easy-vqa"
+    out = Path(args.out) if args.out else Path("eval_results") / f"{vlm.arch}-{'-'.join(specs)}"
     paths = write_report(out, rows, meta)
     if args.json:
         return {**results_json(rows, meta), "files": {k: str(v) for k, v in paths.items()}}
@@ -105,4 +144,23 @@ def cmd_eval_vlm(args: argparse.Namespace):
     return None
 
 
-__all__ = ["EasyVQATask", "TASK", "cmd_eval_vlm", "is_vlm_model"]
+def _vqa_rows(vlm, loaded, ec, say) -> list:
+    from . import data as D
+    from .evaluate import baselines, evaluate_vlm
+    from .infer import eos_id_of
+
+    test, train = vlm.view(D.load_easyvqa("test")), vlm.view(D.load_easyvqa("train"))
+    rows = []
+    for r in evaluate_vlm(vlm, test, train, ec, progress=say):
+        how = r.name.split()[-1] if r.name.endswith(("random", "rices")) else ""
+        rows.append(_row(TASK, r.shots, "acc_ranked" + (f"_{how}" if how else ""), r.ranked, r.n,
+                         primary=how in ("", "rices")))
+        if r.generated is not None:
+            rows.append(_row(TASK, r.shots, "acc_generated", r.generated, r.n_generated))
+    for b in baselines(loaded.model, loaded.tokenizer, eos_id_of(loaded), train, test, ec):
+        rows.append(_row(f"{TASK} baseline: {b.name}", 0, "acc", b.ranked, b.n))
+    return rows
+
+
+__all__ = ["EasyVQARetrievalTask", "EasyVQATask", "RETRIEVAL", "TASK", "cmd_eval_vlm", "is_vlm_model",
+           "stage1_checkpoint"]

@@ -45,6 +45,9 @@ from . import data as D
 from .infer import ARCHS, FAMILY, NORM_MEAN, NORM_STD, VLM, build_bridge, eos_id_of, vision_spec
 
 
+STAGE1_DIR = "stage1"  # BLIP-2: the run's stage-1 bridge, kept for retrieval
+
+
 @dataclass
 class VLMTrainConfig:
     arch: str = "flamingo"
@@ -291,6 +294,11 @@ def train_vlm(tc: VLMTrainConfig, *, train: D.VQAData | None = None, val: D.VQAD
         bar.update(1)
         if step % tc.ckpt_every == 0 or step == total:
             last = save(step)
+        if tc.arch == "blip2" and step == tc.stage1_steps:
+            # stage 2 goes on training the Q-Former for the LM only, which un-aligns the ITC /
+            # ITM heads; BLIP-2 retrieves with the stage-1 model (§4.4), so keep it
+            save_checkpoint(out / STAGE1_DIR, model_state={**bridge.bridge_state_dict(), **extra}, config=config,
+                            tokenizer_json=None)
     bar.close()
     log.close()
     bridge.eval()
@@ -303,4 +311,4 @@ def _plain(tc: VLMTrainConfig) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(tc).items()}
 
 
-__all__ = ["VLMTrainConfig", "blip2_step", "flamingo_step", "quick_accuracy", "train_vlm"]
+__all__ = ["STAGE1_DIR", "VLMTrainConfig", "blip2_step", "flamingo_step", "quick_accuracy", "train_vlm"]
