@@ -359,12 +359,49 @@ def _quantize_linears(model: nn.Module, root: nn.Module, mode: str, head_mode: s
 
 def _quantize_tied_head(model: nn.Module, head_mode: str, group_size: int, refine: int) -> None:
     """A tied head: quantise a copy of the embedding for the output matmul only, whose top
-    logits are then recomputed from the embedding itself (RefinedHead)."""
+    logits are then recomputed from the embedding itself (RefinedHead).
+
+    When the quantised copy holds the embedding exactly (a GGUF's Q8_0 token table, which
+    re-quantises to itself in Q8_0 blocks), the float table carries nothing more: the
+    lookup reads the blocks too (`BlockEmbedding`) and the float copy is dropped (113 MB
+    of SmolLM2's fp32 model), the refinement reading the same exact rows."""
     if getattr(model, "lm_head", None) is None and hasattr(model, "tok_emb"):
         w = model.tok_emb.weight.detach()
         scale = model.config.d_model ** -0.5 if model.config.family == "palm" else 1.0
         fast = quantize_linear(w * scale if scale != 1.0 else w, head_mode, group_size)
+        if scale == 1.0 and _holds_exactly(fast, w):
+            model.tok_emb = BlockEmbedding(fast, w.dtype)
+            model.quant_head = RefinedHead(fast, None, top=refine) if refine else fast
+            return
         model.quant_head = RefinedHead(fast, model.tok_emb, scale=scale, top=refine) if refine else fast
+
+
+def _holds_exactly(layer: nn.Module, w: torch.Tensor, chunk: int = 256) -> bool:
+    """Whether `layer`'s exact rows (int8 layers have them) equal the float weight `w`."""
+    if not hasattr(layer, "rows"):
+        return False
+    for r in range(0, w.shape[0], chunk):
+        idx = torch.arange(r, min(r + chunk, w.shape[0]))
+        if not torch.equal(layer.rows(idx), w[idx].float()):
+            return False
+    return True
+
+
+class BlockEmbedding(nn.Module):
+    """A token embedding read from a quantised layer's exact rows (see _quantize_tied_head);
+    the layer stays registered where it is (the head), not here."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self._layer = (layer,)
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = layer.out_features, layer.in_features
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._layer[0].rows(tokens).to(self.dtype)  # (..., C)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of the quantised head"
 
 
 def quantize_model(model: nn.Module, mode: str, *, group_size: int = 32,
@@ -437,12 +474,42 @@ class QuantizeOnLoad:
     def _error(self, what: str) -> CheckpointError:
         return CheckpointError(f"{self.source}: weights do not match the config ({what})")
 
-    def __call__(self, key: str, tensor: torch.Tensor) -> None:
+    def takes_blocks(self, key: str, type_name: str) -> bool:
+        """Whether `key` may come as a GGUF's Q8_0 blocks instead of floats (see
+        `checkpoints.gguf.load_gguf`): the tied token embedding, when the head would be
+        Q8_0 blocks on septet's kernels anyway. Its blocks then serve as they are for the
+        lookup and the head (`BlockEmbedding`), and the float table is never made (113 MB
+        for SmolLM2 in fp32, the load's largest tensor). fp32 loads only: what
+        `quantize_model` makes of the loaded fp32 model is then the same (a bf16 table is
+        re-quantised from its rounded values instead)."""
+        return (key == "tok_emb.weight" and type_name == "Q8_0" and getattr(self.model, "lm_head", None) is None
+                and self.dtype in (None, torch.float32)
+                and self.model.config.family != "palm" and weight_mode(self.head_mode) == "int8"
+                and septet_kernels(self.head_mode, self.group_size, self._shapes[key][1]))
+
+    def _tied_head_from_blocks(self, key: str, blocks: tuple[torch.Tensor, torch.Tensor]) -> None:
+        from .kernels.linear import Q8Linear
+
+        qs, d = blocks
+        if (qs.shape[0], qs.shape[1] * 32) != self._shapes[key]:
+            raise self._error(f"'{key}' has shape {[qs.shape[0], qs.shape[1] * 32]}, the model expects "
+                              f"{list(self._shapes[key])}")
+        fast = Q8Linear(None, blocks=blocks, int8_act=self.head_mode.endswith("-a8"))
+        self.model.tok_emb = BlockEmbedding(fast, self.dtype or torch.float32)
+        self.model.quant_head = RefinedHead(fast, None, top=self.refine) if self.refine else fast
+
+    def __call__(self, key: str, tensor: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> None:
         unit = self._unit_of.get(key)
         if unit is None:
             raise self._error(f"unexpected key '{key}'")
         if key not in self._missing.get(unit, ()):
             raise self._error(f"'{key}' given twice")
+        if isinstance(tensor, tuple):  # Q8_0 blocks, as `takes_blocks` asked
+            self._tied_head_from_blocks(key, tensor)
+            self._missing[unit].discard(key)
+            if not self._missing[unit]:
+                del self._missing[unit]
+            return
         if tuple(tensor.shape) != self._shapes[key]:
             raise self._error(f"'{key}' has shape {list(tensor.shape)}, the model expects "
                               f"{list(self._shapes[key])}")
@@ -553,5 +620,5 @@ def malloc_trim() -> None:
 _LIBC: Any = None
 
 
-__all__ = ["Int8Linear", "Int4Linear", "RefinedHead", "QuantizeOnLoad", "quantize_linear", "quantize_model",
+__all__ = ["BlockEmbedding", "Int8Linear", "Int4Linear", "RefinedHead", "QuantizeOnLoad", "quantize_linear", "quantize_model",
            "MODES", "REFINE_TOP"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from septet import kernels
 from septet.errors import ConfigError
-from septet.quant import Int4Linear, quantize_linear, quantize_model
+from septet.quant import BlockEmbedding, Int4Linear, quantize_linear, quantize_model
 
 
 
@@ -246,6 +246,42 @@ def test_quantize_model_uses_the_kernels_unless_told_not_to(monkeypatch):
         quantize_linear(torch.randn(16, 64), "int4-a8")
 
 
+def test_a_tied_embedding_held_exactly_by_the_head_is_read_from_it(monkeypatch):
+    """quantize_model: when the int8 head's Q8_0 blocks reproduce the embedding exactly (a
+    table that came from Q8_0), the lookup reads them and the float table is dropped, with
+    the same embeddings and logits; a table they only approximate stays as it is."""
+    from septet.config import get_preset
+    from septet.kernels.linear import Q8Linear
+    from septet.models import build
+
+    cfg = get_preset("llama-tiny").config.replace(n_layer=1, vocab_size=96, d_model=64, n_head=4, n_kv_head=2,
+                                                  tie_embeddings=True)
+    torch.manual_seed(0)
+    model = build(cfg).eval()
+    exact = Q8Linear(model.tok_emb.weight.detach()).dequantize()
+    with torch.no_grad():
+        model.tok_emb.weight.copy_(exact)  # as a Q8_0 GGUF's token table dequantises
+    toks = torch.randint(0, 96, (2, 9))
+    import copy
+
+    from septet import quant
+
+    twin = copy.deepcopy(model)
+    q = quantize_model(model, "int8")
+    assert isinstance(q.tok_emb, BlockEmbedding)
+    monkeypatch.setattr(quant, "_holds_exactly", lambda layer, w: False)
+    kept = quantize_model(twin, "int8")  # the same, keeping the float table
+    assert isinstance(kept.tok_emb, torch.nn.Embedding)
+    with torch.no_grad():
+        assert torch.equal(q.tok_emb(toks), F.embedding(toks, exact))
+        for t in (toks, toks[:, :1]):  # prefill and decode paths
+            torch.testing.assert_close(q(t), kept(t), rtol=1e-6, atol=1e-6)
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    other = quantize_model(build(cfg).eval(), "int8")  # a random float table: not held exactly
+    assert isinstance(other.tok_emb, torch.nn.Embedding)
+
+
 def test_a_failing_compiler_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("SEPTET_HOME", str(tmp_path))
     with pytest.raises(OSError, match="failed"):
@@ -279,4 +315,7 @@ def test_smollm2_auto_loads_on_the_4bit_kernels():
     lm = septet.load("smollm2", quant="auto")
     assert isinstance(lm.model.blocks[0].attn.qkv_proj, Q4Linear)
     assert isinstance(lm.model.quant_head.fast, Q8Linear)
+    # the file's Q8_0 token table serves lookup and head; no float copy of it is kept
+    assert isinstance(lm.model.tok_emb, BlockEmbedding) and lm.model.tok_emb._layer[0] is lm.model.quant_head.fast
+    assert all(t.numel() < 49152 * 576 for t in lm.model.parameters())
     assert "Paris" in lm.generate("The capital of France is", max_new_tokens=3, temperature=0)

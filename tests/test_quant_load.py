@@ -180,10 +180,18 @@ print(json.dumps({"base": base, "peak": peak, "weights": weights}))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_smollm2_quantised_load_peak_memory(septet_home, mode):
-    """Issue 3's target: peak RSS of the load <= 1.5x the quantised model's weight bytes,
-    counted above the process after `import torch, septet` (~0.23 GB of torch itself).
-    A fresh process, so nothing else in the test session inflates it; measured 1.31x
-    (int4) and 1.24x (int8) on the 2-core dev box, down from ~3x."""
+    """The load's own memory: peak RSS above the process after `import torch, septet`
+    (~0.23 GB of torch itself) against the quantised model's weight bytes (issue 3 asks
+    for <= 1.5x of the whole process, which torch's import alone rules out at SmolLM2's
+    size). A fresh process, so nothing else in the test session inflates it.
+
+    Measured on the 2-core dev box (2026-11-30): int4 1.69x (163 MB above import for 97 MB
+    of weights), int8 1.44x (208 MB for 143 MB). The tied embedding comes as the file's Q8_0
+    blocks and serves both the lookup and the head, so no 113 MB float table exists at any
+    point (before, it did, and was counted as weights: int4 1.31x of 210 MB = 275 MB, int8
+    1.24x of 256 MB = 317 MB). What is left above the weights: the tokenizer and GGUF
+    metadata (~30 MB), imports the load makes, and one block's float weights while it is
+    quantised. The bounds guard against regressions; they are not the issue's target."""
     from septet import assets
 
     assets.asset_file("smollm2", progress=False, quiet=True)  # fetched outside the measurement
@@ -192,7 +200,7 @@ def test_smollm2_quantised_load_peak_memory(septet_home, mode):
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = (r["peak"] - r["base"]) / r["weights"]
-    assert ratio <= 1.5, (ratio, r)
+    assert ratio <= {"int4": 1.75, "int8": 1.5}[mode], (ratio, r)
 
 
 def test_int4_fallback_without_known_packing_is_identical(monkeypatch):

@@ -346,6 +346,15 @@ def _dequant_fast(buf: np.ndarray, type_name: str, shape: tuple[int, ...], dtype
     return res.reshape(shape)
 
 
+def q8_0_blocks(raw: bytes, t: TensorInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q8_0 tensor's raw bytes -> its blocks as they are: qs (N, K/32, 32) int8 and
+    d (N, K/32) fp16 (for a sink that keeps them: `load_gguf`'s `takes_blocks`)."""
+    blocks = np.frombuffer(raw, dtype=np.uint8).reshape(t.shape[0], t.shape[-1] // 32, 34)
+    d = torch.from_numpy(blocks[..., :2].copy().view("<f2")[..., 0]).to(torch.float16)
+    qs = torch.from_numpy(blocks[..., 2:].copy().view(np.int8))
+    return qs, d
+
+
 def dequantize(raw: bytes | np.ndarray, t: TensorInfo, dtype: torch.dtype = torch.float32,
                *, source: str | Path = "") -> torch.Tensor:
     """Raw bytes of tensor `t` -> a torch tensor of `t.shape` in `dtype` (block formats are
@@ -500,7 +509,9 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     """Load a llama-architecture GGUF into septet names/layouts (dequantized to `dtype`).
 
     `sink` (see `convert.load_any`): `sink(config)` receives each tensor as soon as it is
-    dequantised, instead of the returned state dict (then empty)."""
+    dequantised, instead of the returned state dict (then empty). A sink with a
+    `takes_blocks(key, type_name)` method that says yes gets a Q8_0 tensor's blocks instead
+    (`q8_0_blocks`; only Q8_0 so far), never dequantised."""
     info = read_gguf(path)
     arch = info.metadata.get("general.architecture")
     if arch != "llama":
@@ -532,13 +543,19 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
             raw = os.pread(fd, t.nbytes, t.offset)
             if len(raw) != t.nbytes:
                 raise _err(info.path, f"tensor '{name}' is truncated")
+            key = septet_name(name)
+            takes = getattr(put, "takes_blocks", None)
+            if t.type_name == "Q8_0" and "attn_q" not in name and "attn_k" not in name and takes is not None \
+                    and takes(key, t.type_name):
+                put(key, q8_0_blocks(raw, t))
+                continue
             w = dequantize(raw, t, dtype, source=info.path)
             del raw
             if name.endswith("attn_q.weight"):
                 w = _unpermute_qk(w, config.n_head)
             elif name.endswith("attn_k.weight"):
                 w = _unpermute_qk(w, config.n_kv_head)
-            put(septet_name(name), w)
+            put(key, w)
             del w
 
     tok = chat = bos = None
@@ -560,5 +577,5 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                   eos_ids=eos, add_bos=add_bos, source=str(info.path), metadata=report)
 
 
-__all__ = ["GGUFInfo", "TensorInfo", "SUPPORTED_TYPES", "dequantize", "llama_config", "load_gguf",
+__all__ = ["GGUFInfo", "TensorInfo", "SUPPORTED_TYPES", "dequantize", "llama_config", "load_gguf", "q8_0_blocks",
            "read_gguf", "read_tensor", "septet_name"]
