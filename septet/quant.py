@@ -1,9 +1,9 @@
 """Weight-only int8 / int4 linear layers.
 
-Two kernel sets: septet's own (septet.kernels: GGML's Q4_1 / Q8_0 blocks of 32 with int8
-activations, llama.cpp's arithmetic; `Q4Linear` / `Q8Linear`), used wherever they build and
-the blocks fit (`septet_kernels`), and PyTorch's (`Int8Linear` / `Int4Linear` below,
-SEPTET_KERNELS=0), described here.
+Two kernel sets: septet's own (septet.kernels: GGML's Q4_1 / Q8_0 blocks of 32; fp32
+activations, or with the "-a8" modes int8 ones, llama.cpp's arithmetic; `Q4Linear` /
+`Q8Linear`), used wherever they build and the blocks fit (`septet_kernels`), and PyTorch's
+(`Int8Linear` / `Int4Linear` below, SEPTET_KERNELS=0; bf16 activations), described here.
 
 Decoding one token reads every weight once and does ~2 FLOPs per weight, so on a CPU
 its speed is set by how many bytes the weights take. Weight-only quantisation keeps the

@@ -1,7 +1,8 @@
 """septet's own CPU kernels, compiled on first use and registered as torch operators.
 
-`q4.c` holds the matmul kernels for Q4_1 / Q8_0 block weights; `ops.cpp` registers them as
-`torch.ops.septet.q4_1_mm` / `q8_0_mm`. Both are built once per machine into
+`q4.c` holds the matmul kernels for Q4_1 / Q8_0 block weights (fp32 activations, or int8
+ones as llama.cpp computes) and a one-token attention; `ops.cpp` registers them as
+`torch.ops.septet.q4_1_mm` / `q8_0_mm` / `decode_attention`. Both are built once per machine into
 `$SEPTET_HOME/kernels/` with the system compilers (the ones torch.compile already needs on a
 CPU) for the CPU at hand (-march=native; ~10 s), under a name keyed by the sources, the
 compiler, torch's version and the CPU flags: a changed source, torch or machine builds
