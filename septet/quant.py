@@ -97,12 +97,14 @@ class _QuantLinear(nn.Module):
     def _dense_dtype(self, x2: torch.Tensor) -> torch.dtype:
         return COMPUTE_DTYPE
 
+    def _dense_matmul(self, x2: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        return torch.nn.functional.linear(x2.to(dt), self.dequantize().to(dt))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self._dense(x2):
-            dt = self._dense_dtype(x2)
-            y = torch.nn.functional.linear(x2.to(dt), self.dequantize().to(dt))
+            y = self._dense_matmul(x2, self._dense_dtype(x2))
         else:
             y = self._kernel(x2.to(self.kernel_dtype))
         if self.bias is not None:
@@ -371,9 +373,17 @@ def _quantize_tied_head(model: nn.Module, head_mode: str, group_size: int, refin
         fast = quantize_linear(w * scale if scale != 1.0 else w, head_mode, group_size)
         if scale == 1.0 and _holds_exactly(fast, w):
             model.tok_emb = BlockEmbedding(fast, w.dtype)
-            model.quant_head = RefinedHead(fast, None, top=refine) if refine else fast
+            top = 0 if w.dtype == torch.float32 and _exact_logits(fast) else refine
+            model.quant_head = RefinedHead(fast, None, top=top) if top else fast
             return
         model.quant_head = RefinedHead(fast, model.tok_emb, scale=scale, top=refine) if refine else fast
+
+
+def _exact_logits(layer: nn.Module) -> bool:
+    """Whether a head's logits are already the fp32 products of its own exact rows (septet's
+    Q8_0 kernels with fp32 activations, fed fp32), so that recomputing its top rows from
+    those rows (RefinedHead) would give the same numbers, up to summation order."""
+    return hasattr(layer, "rows") and getattr(layer, "int8_act", True) is False
 
 
 def _holds_exactly(layer: nn.Module, w: torch.Tensor, chunk: int = 256) -> bool:
@@ -496,7 +506,8 @@ class QuantizeOnLoad:
                               f"{list(self._shapes[key])}")
         fast = Q8Linear(None, blocks=blocks, int8_act=self.head_mode.endswith("-a8"))
         self.model.tok_emb = BlockEmbedding(fast, self.dtype or torch.float32)
-        self.model.quant_head = RefinedHead(fast, None, top=self.refine) if self.refine else fast
+        top = 0 if _exact_logits(fast) else self.refine  # an fp32 load (takes_blocks)
+        self.model.quant_head = RefinedHead(fast, None, top=top) if top else fast
 
     def __call__(self, key: str, tensor: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> None:
         unit = self._unit_of.get(key)

@@ -308,14 +308,33 @@ def test_auto_quant_follows_the_file(tmp_path, dtype, want):
 
 def test_smollm2_auto_loads_on_the_4bit_kernels():
     """SmolLM2's file is Q4_1 (embedding Q8_0): auto gives Q4Linear blocks and a Q8_0 head
-    that still answers."""
+    that still answers "Paris" (fp32 activations; llama.cpp's int8 ones do not)."""
     import septet
     from septet.kernels.linear import Q4Linear, Q8Linear
 
     lm = septet.load("smollm2", quant="auto")
     assert isinstance(lm.model.blocks[0].attn.qkv_proj, Q4Linear)
-    assert isinstance(lm.model.quant_head.fast, Q8Linear)
-    # the file's Q8_0 token table serves lookup and head; no float copy of it is kept
-    assert isinstance(lm.model.tok_emb, BlockEmbedding) and lm.model.tok_emb._layer[0] is lm.model.quant_head.fast
+    # the file's Q8_0 token table serves lookup and head; no float copy of it is kept, and
+    # with fp32 activations the head's logits are exact, so nothing re-checks its top rows
+    assert isinstance(lm.model.quant_head, Q8Linear) and not lm.model.quant_head.int8_act
+    assert isinstance(lm.model.tok_emb, BlockEmbedding) and lm.model.tok_emb._layer[0] is lm.model.quant_head
+    a8 = septet.load("smollm2", quant="int4-a8").model
+    assert isinstance(a8.quant_head.fast, Q8Linear) and a8.quant_head.fast.int8_act  # refined: int8 activations
     assert all(t.numel() < 49152 * 576 for t in lm.model.parameters())
     assert "Paris" in lm.generate("The capital of France is", max_new_tokens=3, temperature=0)
+
+
+def test_the_dense_path_expands_a_large_weight_in_chunks(monkeypatch):
+    """Many rows multiply by the dequantised weight a chunk of output rows at a time (a
+    49k-row head is not expanded whole); the result is the one-piece product's."""
+    from septet.kernels import linear
+    from septet.kernels.linear import DEQUANT_MIN_ROWS, Q4Linear, Q8Linear
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(100, 64, generator=g), torch.randn(DEQUANT_MIN_ROWS, 64, generator=g)
+    for layer in (Q4Linear(w), Q8Linear(w)):
+        whole = x @ layer.dequantize().t()
+        monkeypatch.setattr(linear, "DENSE_CHUNK", 64 * 7)  # 7 rows a chunk: 15 chunks, a short last one
+        assert torch.equal(layer(x), whole)
+        torch.testing.assert_close(layer(x.bfloat16()), x.bfloat16() @ layer.dequantize().bfloat16().t())
+        monkeypatch.undo()

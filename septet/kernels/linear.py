@@ -30,6 +30,7 @@ from ..errors import ConfigError
 from ..quant import COMPUTE_DTYPE, DEQUANT_MIN_ROWS, _QuantLinear
 
 QK = 32
+DENSE_CHUNK = 1 << 21  # weights expanded at a time on the dense (many-row) path: 8 MB in fp32
 
 
 def _check_shape(weight: torch.Tensor, what: str) -> tuple[int, int]:
@@ -56,9 +57,21 @@ class _BlockLinear(_QuantLinear):
     def _dense_dtype(self, x2: torch.Tensor) -> torch.dtype:
         return torch.float32 if x2.dtype == torch.float32 else COMPUTE_DTYPE
 
-    def dequantize(self) -> torch.Tensor:
-        """(N, K) fp32: each weight as the kernels expand it."""
+    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
+        """(N, K) fp32 (or those `rows`): each weight as the kernels expand it."""
         raise NotImplementedError
+
+    def _dense_matmul(self, x2: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        """x · Wᵀ with W expanded DENSE_CHUNK elements at a time: a whole fp32 copy of a
+        49k-row head would be 113 MB for one prefill."""
+        step = max(1, DENSE_CHUNK // self.in_features)
+        x = x2.to(dt)
+        if self.out_features <= step:
+            return torch.nn.functional.linear(x, self.dequantize().to(dt))
+        y = torch.empty(x.shape[0], self.out_features, dtype=dt, device=x.device)
+        for r in range(0, self.out_features, step):
+            y[:, r:r + step] = torch.nn.functional.linear(x, self.dequantize(slice(r, r + step)).to(dt))
+        return y
 
     def _act(self) -> str:
         return ", int8 activations" if self.int8_act else ""
@@ -89,11 +102,11 @@ class Q4Linear(_BlockLinear):
         self.register_buffer("m", m)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
-    def dequantize(self) -> torch.Tensor:
-        """(N, K) fp32: each weight d·q + m."""
-        N, K = self.out_features, self.in_features
-        q = torch.cat((self.qs & 15, self.qs >> 4), dim=-1)  # (N, K/32, 32)
-        return torch.addcmul(self.m[..., None].float(), q, self.d[..., None].float()).view(N, K)
+    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
+        """(N, K) fp32 (or those `rows`): each weight d·q + m."""
+        qs, d, m = self.qs[rows], self.d[rows], self.m[rows]
+        q = torch.cat((qs & 15, qs >> 4), dim=-1)  # (n, K/32, 32)
+        return torch.addcmul(m[..., None].float(), q, d[..., None].float()).view(-1, self.in_features)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.septet.q4_1_mm(x.contiguous(), self.qs, self.d, self.m, self.int8_act)
@@ -137,9 +150,8 @@ class Q8Linear(_BlockLinear):
         self.register_buffer("d", d)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
-    def dequantize(self) -> torch.Tensor:
-        N, K = self.out_features, self.in_features
-        return torch.mul(self.qs, self.d[..., None].float()).view(N, K)
+    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
+        return torch.mul(self.qs[rows], self.d[rows][..., None].float()).view(-1, self.in_features)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Weight rows `idx` (...,) -> (..., K) fp32, exact (for a refined head)."""

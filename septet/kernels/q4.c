@@ -208,10 +208,14 @@ static inline void scales_to_f32(const _Float16 *src, int n, float *dst)
 ALWAYS_INLINE void q4_1_f32_block(const int mr, const int u, const uint8_t *wb, float db, float mb,
                                   const float *xb, int K, __m512 acc[8][2][2])
 {
+    /* the block's 16 possible weights d * j + m (j = 0..15) in one register; each nibble then
+     * picks its weight with vpermps, which reads only an index's low 4 bits: no masking and
+     * no int-to-float conversion (7 vector instructions per 32 weights instead of 9) */
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(db), _mm512_set1_ps(mb));
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)wb));
-    const __m512 dv = _mm512_set1_ps(db), mv = _mm512_set1_ps(mb);
-    const __m512 wlo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), dv, mv);
-    const __m512 whi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), dv, mv);
+    const __m512 wlo = _mm512_permutexvar_ps(v, table);
+    const __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
     for (int r = 0; r < mr; r++) {
         acc[r][u][0] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xb + (size_t)r * K), acc[r][u][0]);
         acc[r][u][1] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xb + (size_t)r * K + 16), acc[r][u][1]);
