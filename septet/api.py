@@ -170,15 +170,16 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device
 
     `quant` "int8" / "int4" replaces the linear layers (and a tied head) by weight-only
     quantised ones (septet.quant; int4 groups of `group_size` inputs); the model is then
-    inference-only. A checkpoint is quantised while it is read (`quant.QuantizeOnLoad`):
+    inference-only. A checkpoint is quantised while it is read (`quant_load.QuantizeOnLoad`):
     each block is quantised as soon as its weights are in, so the float model never
     exists whole; the result is the same as quantising the loaded float model. The output
-    head is int8 and recomputes each row's top logits in fp32 from the float embedding
-    (`quant.RefinedHead`), so its logits are fp32 even with `dtype` bf16. On septet's
+    head is int8; where its kernel does not already give exact fp32 logits (int8 or bf16
+    activations, torch's kernels) it recomputes each row's top logits in fp32 from exact
+    rows (`quant.RefinedHead`). On septet's
     kernels the activations stay fp32: SmolLM2 int4 is the fp32 function of its Q4_1
     file, agreeing with llama.cpp's top-1 exactly as often as transformers (0.9530);
     "int8-a8" / "int4-a8" quantise the activations per block of 32 as llama.cpp does
-    (0.955-0.960; tests/test_llamacpp_parity.py).
+    (0.955-0.965; tests/test_llamacpp_parity.py).
 
     `quant="auto"`: what the file already is (`native_quant`), so a 4-bit GGUF runs on the
     4-bit kernels without losing anything; anything else loads unquantised."""
@@ -194,7 +195,7 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device
     if quant == "auto":
         quant = native_quant(p) if torch.device(device).type == "cpu" else None
     if quant:
-        from .quant import QuantizeOnLoad
+        from .quant_load import QuantizeOnLoad
 
         if torch.device(device).type != "cpu":
             raise ConfigError(f"--quant {quant} uses PyTorch's CPU kernels; load the model on the CPU")
@@ -264,7 +265,7 @@ def _release_freed_memory() -> None:
     unquantised model (measured on SmolLM2 int4: 877 MB -> 521 MB)."""
     import gc
 
-    from .quant import malloc_trim
+    from .quant_load import malloc_trim
 
     gc.collect()
     malloc_trim()

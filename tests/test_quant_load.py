@@ -1,4 +1,4 @@
-"""Quantise-on-load (`septet.load(..., quant=...)` through `quant.QuantizeOnLoad`): the model
+"""Quantise-on-load (`septet.load(..., quant=...)` through `quant_load.QuantizeOnLoad`): the model
 it streams together from a checkpoint is the one `quantize_model` makes from the loaded
 float model, bit for bit; it holds at most one block's float weights at a time; and on
 the real SmolLM2 its peak memory stays within the issue's 1.5x the quantised weights."""
@@ -21,7 +21,8 @@ from septet.checkpoints.convert import build_on_meta, export, load_any  # noqa: 
 from septet.checkpoints.gguf import load_gguf  # noqa: E402
 from septet.errors import CheckpointError  # noqa: E402
 from septet.models import build  # noqa: E402
-from septet.quant import QuantizeOnLoad, quantize_model  # noqa: E402
+from septet.quant import quantize_model  # noqa: E402
+from septet.quant_load import QuantizeOnLoad  # noqa: E402
 from septet.tokenizer import Tokenizer  # noqa: E402
 from test_gguf import TEXT, _tiny_model, _write_gguf  # noqa: E402
 

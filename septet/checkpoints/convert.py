@@ -117,7 +117,7 @@ def load_any(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     With a `sink`, the tensors are not collected: once the config is known, `sink(config)`
     gives a function that receives each (name, tensor) in turn, and the returned state
     dict is empty. A GGUF streams: each tensor is dequantised only when its turn comes
-    (`quant.QuantizeOnLoad` quantises them on the way in). Other formats are read whole
+    (`quant_load.QuantizeOnLoad` quantises them on the way in). Other formats are read whole
     first, then handed over one by one, each dropped from the dict as it goes.
     """
     fmt = detect_format(path)
