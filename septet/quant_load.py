@@ -81,7 +81,7 @@ class QuantizeOnLoad:
         if (qs.shape[0], qs.shape[1] * 32) != self._shapes[key]:
             raise self._error(f"'{key}' has shape {[qs.shape[0], qs.shape[1] * 32]}, the model expects "
                               f"{list(self._shapes[key])}")
-        fast = Q8Linear(None, blocks=blocks, int8_act=self.head_mode.endswith("-a8"))
+        fast = Q8Linear.from_blocks(qs, d, int8_act=self.head_mode.endswith("-a8"))
         self.model.tok_emb = BlockEmbedding(fast, self.dtype or torch.float32)
         top = 0 if _exact_logits(fast) else self.refine  # an fp32 load (takes_blocks)
         self.model.quant_head = RefinedHead(fast, None, top=top) if top else fast

@@ -338,3 +338,17 @@ def test_the_dense_path_expands_a_large_weight_in_chunks(monkeypatch):
         assert torch.equal(layer(x), whole)
         torch.testing.assert_close(layer(x.bfloat16()), x.bfloat16() @ layer.dequantize().bfloat16().t())
         monkeypatch.undo()
+
+
+def test_q8_0_blocks_are_taken_as_they_are():
+    """Q8Linear.from_blocks (a GGUF's Q8_0 token table) holds exactly what quantising their
+    dequantised weight gives, and refuses blocks of the wrong form."""
+    from septet.kernels.linear import Q8Linear
+
+    ref = Q8Linear(torch.randn(40, 96, generator=torch.Generator().manual_seed(0)))
+    got = Q8Linear.from_blocks(ref.qs.clone(), ref.d.clone())
+    assert torch.equal(got.qs, Q8Linear(got.dequantize()).qs) and torch.equal(got.d, ref.d)
+    x = torch.randn(3, 96)
+    assert torch.equal(got(x), ref(x)) and (got.out_features, got.in_features) == (40, 96)
+    with pytest.raises(ConfigError, match="q8_0 blocks must be"):
+        Q8Linear.from_blocks(ref.qs.float(), ref.d)

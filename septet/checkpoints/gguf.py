@@ -544,17 +544,17 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
             if len(raw) != t.nbytes:
                 raise _err(info.path, f"tensor '{name}' is truncated")
             key = septet_name(name)
+            # GGUF stores q and k rows permuted for its RoPE; the others are septet's layout
+            heads = config.n_head if name.endswith("attn_q.weight") else (
+                config.n_kv_head if name.endswith("attn_k.weight") else None)
             takes = getattr(put, "takes_blocks", None)
-            if t.type_name == "Q8_0" and "attn_q" not in name and "attn_k" not in name and takes is not None \
-                    and takes(key, t.type_name):
+            if t.type_name == "Q8_0" and heads is None and takes is not None and takes(key, t.type_name):
                 put(key, q8_0_blocks(raw, t))
                 continue
             w = dequantize(raw, t, dtype, source=info.path)
             del raw
-            if name.endswith("attn_q.weight"):
-                w = _unpermute_qk(w, config.n_head)
-            elif name.endswith("attn_k.weight"):
-                w = _unpermute_qk(w, config.n_kv_head)
+            if heads is not None:
+                w = _unpermute_qk(w, heads)
             put(key, w)
             del w
 

@@ -119,23 +119,10 @@ class Q4Linear(_BlockLinear):
 class Q8Linear(_BlockLinear):
     """y = x · Wᵀ + b, W in Q8_0 blocks of 32 inputs (see the module docstring)."""
 
-    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None, rows_per_block: int = 256,
-                 int8_act: bool = False, *, blocks: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """From a float `weight`, or from `blocks` = (qs (N, K/32, 32) int8, d (N, K/32)
-        fp16) as a GGUF stores Q8_0, taken as they are."""
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows_per_block: int = 256,
+                 int8_act: bool = False):
         super().__init__()
         self.int8_act = int8_act
-        if blocks is not None:
-            qs, d = blocks
-            if qs.dtype != torch.int8 or qs.dim() != 3 or qs.shape[2] != QK or d.dtype != torch.float16 \
-                    or tuple(d.shape) != tuple(qs.shape[:2]):
-                raise ConfigError(f"q8_0 blocks must be int8 (N, K/32, 32) and fp16 (N, K/32); got "
-                                  f"{tuple(qs.shape)} {qs.dtype}, {tuple(d.shape)} {d.dtype}")
-            self.out_features, self.in_features = qs.shape[0], qs.shape[1] * QK
-            self.register_buffer("qs", qs.contiguous())
-            self.register_buffer("d", d.contiguous())
-            self.register_buffer("bias", None if bias is None else bias.detach().float())
-            return
         N, K = _check_shape(weight, "q8_0")
         self.out_features, self.in_features = N, K
         qs = torch.empty(N, K // QK, QK, dtype=torch.int8)
@@ -149,6 +136,23 @@ class Q8Linear(_BlockLinear):
         self.register_buffer("qs", qs)
         self.register_buffer("d", d)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    @classmethod
+    def from_blocks(cls, qs: torch.Tensor, d: torch.Tensor, int8_act: bool = False) -> "Q8Linear":
+        """The layer holding Q8_0 blocks as a GGUF stores them, taken as they are: qs
+        (N, K/32, 32) int8 and d (N, K/32) fp16; no bias."""
+        if qs.dtype != torch.int8 or qs.dim() != 3 or qs.shape[2] != QK or d.dtype != torch.float16 \
+                or tuple(d.shape) != tuple(qs.shape[:2]):
+            raise ConfigError(f"q8_0 blocks must be int8 (N, K/32, 32) and fp16 (N, K/32); got "
+                              f"{tuple(qs.shape)} {qs.dtype}, {tuple(d.shape)} {d.dtype}")
+        layer = cls.__new__(cls)
+        _BlockLinear.__init__(layer)
+        layer.int8_act = int8_act
+        layer.out_features, layer.in_features = qs.shape[0], qs.shape[1] * QK
+        layer.register_buffer("qs", qs.contiguous())
+        layer.register_buffer("d", d.contiguous())
+        layer.register_buffer("bias", None)
+        return layer
 
     def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
         return torch.mul(self.qs[rows], self.d[rows][..., None].float()).view(-1, self.in_features)

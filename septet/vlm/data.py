@@ -231,16 +231,23 @@ def blip_stage2_batch(data: VQAData, fmt: Formatter, n_vqa: int, n_caption: int,
     return pad_batch(rows, [[q.image_id] for q in qs] + [[i] for i in imgs])
 
 
-def caption_text_batch(data: VQAData, fmt: Formatter, image_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage-1 text: captions as (B, T) ids and a (B, T) bool mask of real tokens."""
-    ids = [fmt.encode(data.captions[i]) for i in image_ids]
+def text_batch(fmt: Formatter, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts as Q-Former input: (B, T) ids (right-padded with 0) and a (B, T) bool mask of
+    real tokens."""
+    ids = [fmt.encode(t) for t in texts]
+    if any(not x for x in ids):
+        raise DataError("a text for the Q-Former encodes to no tokens")
     T = max(len(x) for x in ids)
     text = torch.zeros(len(ids), T, dtype=torch.long)
     mask = torch.zeros(len(ids), T, dtype=torch.bool)
     for r, x in enumerate(ids):
-        text[r, :len(x)] = torch.tensor(x)
-        mask[r, :len(x)] = True
+        text[r, :len(x)], mask[r, :len(x)] = torch.tensor(x), True
     return text, mask
+
+
+def caption_text_batch(data: VQAData, fmt: Formatter, image_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage-1 text: the images' captions (see text_batch)."""
+    return text_batch(fmt, [data.captions[i] for i in image_ids])
 
 
 def media_for(data: VQAData, image_ids: list[list[int]]) -> torch.Tensor:
@@ -271,4 +278,4 @@ class Rices:
 
 __all__ = ["StandardizedFeatures", "feature_stats", "standardized", "Batch", "CAPTION_PROMPT", "Formatter", "Rices", "VQAData", "VQA_TEMPLATE", "blip_stage2_batch",
            "caption_text_batch", "flamingo_caption_batch", "flamingo_interleaved_batch", "flamingo_vqa_batch",
-           "load_easyvqa", "media_for", "pad_batch", "sample_images", "sample_questions", "with_targets"]
+           "load_easyvqa", "media_for", "pad_batch", "sample_images", "sample_questions", "text_batch", "with_targets"]

@@ -41,19 +41,6 @@ def _stage1(vlm: VLM):
     return vlm.bridge.stage1
 
 
-def text_batch(vlm: VLM, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and (B, T) bool mask of real tokens, as stage 1 reads captions."""
-    ids = [vlm.fmt.encode(t) for t in texts]
-    if any(not x for x in ids):
-        raise InputError("a text to retrieve with is empty")
-    T = max(len(x) for x in ids)
-    text = torch.zeros(len(ids), T, dtype=torch.long)
-    mask = torch.zeros(len(ids), T, dtype=torch.bool)
-    for r, x in enumerate(ids):
-        text[r, :len(x)], mask[r, :len(x)] = torch.tensor(x), True
-    return text, mask
-
-
 @torch.no_grad()
 def ranked(vlm: VLM, features: torch.Tensor, texts: list[str], *, rerank: bool, k: int = RERANK_K,
            batch: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +48,7 @@ def ranked(vlm: VLM, features: torch.Tensor, texts: list[str], *, rerank: bool, 
     alone (everything, by similarity), or ITC's top k re-ranked by ITM (the top k only:
     `Blip2Stage1.retrieve_texts` / `retrieve_images`)."""
     s1 = _stage1(vlm)
-    text, mask = text_batch(vlm, texts)
+    text, mask = D.text_batch(vlm.fmt, texts)
     if rerank:
         return s1.retrieve_texts(features, text, mask, k), s1.retrieve_images(text, mask, features, k)
     img = torch.cat([s1.image_embeds(features[b:b + batch]) for b in range(0, features.shape[0], batch)])
@@ -89,4 +76,4 @@ def evaluate_retrieval(vlm: VLM, test: D.VQAData, images: list[int], k: int = RE
     return out
 
 
-__all__ = ["RERANK_K", "RetrievalScore", "evaluate_retrieval", "ranked", "text_batch"]
+__all__ = ["RERANK_K", "RetrievalScore", "evaluate_retrieval", "ranked"]
