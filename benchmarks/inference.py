@@ -180,6 +180,12 @@ def _septet_child(spec: dict) -> dict:
                 toks.append(int(nxt[0]))
             return time.perf_counter() - t, toks
 
+    from septet.fused_decode import why_not_fused
+
+    if sampling_extra.get("compile"):
+        decode_path = "torch.compile static step"
+    else:
+        decode_path = "fused (septet::llama_decode)" if why_not_fused(model) is None else "eager forward"
     reps, n = spec["reps"], spec["new_tokens"]
     pre, pre_all = best_time(prefill, reps)
     d1, d1_all = best_time(lambda: decode(spec["prompts"][:1], n)[0], reps)
@@ -191,7 +197,7 @@ def _septet_child(spec: dict) -> dict:
             "decode_b8_tok_s": B * (n - 1) / d8, "weight_bytes": weight_bytes,
             "rss_after_import": rss_after_import, "peak_rss_after_load": peak_after_load,
             "peak_rss": peak_rss_bytes(), "greedy_head": head[:32],
-            "raw_s": {"prefill": pre_all, "decode_b1": d1_all, "decode_b8": d8_all},
+            "raw_s": {"prefill": pre_all, "decode_b1": d1_all, "decode_b8": d8_all}, "decode_path": decode_path,
             "batch_path": "model forward + KVCache (no batched generate API)" if batch_api is None
             else f"septet.generate.{batch_api.__name__}, decode = t({n} tokens) - t(1 token)"}
 
@@ -407,6 +413,74 @@ def run_child(spec: dict, timeout: float) -> tuple[dict | None, str]:
         return None, f"no result on stdout: {p.stdout[-300:]!r}"
 
 
+def run_jobs(jobs: list[tuple[str, dict]], timeout: float) -> list[dict]:
+    """Each engine / setting in its own subprocess, in the order given."""
+    results = []
+    for name, spec in jobs:
+        label = f"{name} {spec.get('name', '')}".strip()
+        log(f"[{_dt.datetime.now():%H:%M:%S}] {label} ... (load {sh('cat /proc/loadavg')})")
+        t = time.perf_counter()
+        res, why = run_child(spec, timeout)
+        if res is None and name == "llama.cpp" and "SIGILL" in why:
+            # AMX "extra buffer" kernels on a CPU that advertises AMX to a guest that may not use it
+            log(f"  llama.cpp died ({why[:60]}); retrying with use_extra_bufts=False")
+            res, why = run_child({**spec, "extra_bufts": False}, timeout)
+            if res is not None:
+                res["note"] = "default llama.cpp (extra buffer types, AMX) died with SIGILL on this machine"
+        if res is None:
+            res = {"engine": name, "setting": spec.get("name", ""), "error": why}
+        log(f"  done in {time.perf_counter() - t:.0f} s")
+        results.append(res)
+    return results
+
+
+METRICS = ("load_s", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s", "peak_rss")
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    k = len(xs) // 2
+    return xs[k] if len(xs) % 2 else (xs[k - 1] + xs[k]) / 2
+
+
+def _key(r: dict) -> tuple[str, str]:
+    return r["engine"], r.get("setting", "")
+
+
+def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One result per engine / setting: each metric the median over the rounds it ran in (in
+    the first round's order); an engine that failed in every round keeps its first error."""
+    out = []
+    for first in rounds[0]:
+        runs = [r for rnd in rounds for r in rnd if _key(r) == _key(first) and "error" not in r]
+        if not runs:
+            out.append(first)
+            continue
+        merged = dict(runs[0])
+        for m in METRICS:
+            merged[m] = _median([r[m] for r in runs])
+        merged["rounds_ok"] = len(runs)
+        out.append(merged)
+    return out
+
+
+def paired_ratios(rounds: list[list[dict]]) -> dict[str, dict[str, list[float]]]:
+    """setting -> metric -> septet / llama.cpp within each round (engines run minutes apart in
+    one round, hours apart across sessions: the in-round ratio is the fair comparison)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for rnd in rounds:
+        ref = next((r for r in rnd if r["engine"] == "llama.cpp" and "error" not in r), None)
+        if ref is None:
+            continue
+        for r in rnd:
+            if r["engine"] != "septet" or "error" in r:
+                continue
+            per = out.setdefault(r["setting"], {})
+            for m in ("decode_b1_tok_s", "decode_b8_tok_s", "prefill_tok_s"):
+                per.setdefault(m, []).append(round(r[m] / ref[m], 3))
+    return out
+
+
 def prompts(path: str, prompt_tokens: int, batch: int, short: int) -> tuple[list[int], list[list[int]]]:
     from septet.checkpoints.gguf import read_gguf  # metadata only: no weights in the parent
     from septet.checkpoints.gguf_tokenizer import tokenizer_from_gguf
@@ -488,6 +562,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=None, help="timed repeats (default 3; --quick: 1)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per engine subprocess")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every engine this many times, in alternating order, and report medians "
+                         "(this VM's speed drifts by 10-30%% over minutes; rounds pair the engines in time)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -528,22 +605,17 @@ def main() -> None:
     if "llama.cpp" in engines:
         jobs.append(("llama.cpp", {**common, "engine": "llama.cpp", "extra_bufts": True}))
 
-    for name, spec in jobs:
-        label = f"{name} {spec.get('name', '')}".strip()
-        log(f"[{_dt.datetime.now():%H:%M:%S}] {label} ... (load {sh('cat /proc/loadavg')})")
-        t = time.perf_counter()
-        res, why = run_child(spec, args.timeout)
-        if res is None and name == "llama.cpp" and "SIGILL" in why:
-            # AMX "extra buffer" kernels on a CPU that advertises AMX to a guest that may not use it
-            log(f"  llama.cpp died ({why[:60]}); retrying with use_extra_bufts=False")
-            res, why = run_child({**spec, "extra_bufts": False}, args.timeout)
-            if res is not None:
-                res["note"] = "default llama.cpp (extra buffer types, AMX) died with SIGILL on this machine"
-        if res is None:
-            res = {"engine": name, "setting": spec.get("name", ""), "error": why}
-        log(f"  done in {time.perf_counter() - t:.0f} s")
-        report["results"].append(res)
+    rounds: list[list[dict]] = []
+    for rnd in range(args.rounds):
+        order = jobs if rnd % 2 == 0 else jobs[::-1]
+        if args.rounds > 1:
+            log(f"round {rnd + 1} of {args.rounds}")
+        rounds.append(run_jobs(order, args.timeout))
     report["uptime_after"] = sh("uptime")
+    report["results"] = combine_rounds(rounds) if len(rounds) > 1 else rounds[0]
+    if len(rounds) > 1:
+        report["rounds"] = rounds
+        report["paired_ratios"] = paired_ratios(rounds)
 
     ref = next((r for r in report["results"] if r["engine"] == "llama.cpp" and "error" not in r), None)
     for r in report["results"]:
@@ -571,16 +643,23 @@ def main() -> None:
               "llama.cpp's spinning threads suffer most, so ratios (and MET/MISS) are not meaningful")
     print(f"command: {report['command']}")
     print(f"prefill {len(long)} tokens; decode {n_new} new tokens after {len(shorts[0])}-token prompts, "
-          f"greedy, EOS off; fastest of {reps} after a warm-up\n")
+          f"greedy, EOS off; fastest of {reps} after a warm-up"
+          + (f"; each figure the median of {args.rounds} rounds" if args.rounds > 1 else "") + "\n")
     print(fmt_table(report["results"]))
     print()
     for r in report["results"]:
-        extra = [f"{k}: {r[k]}" for k in ("note", "batch_path", "greedy_prefix_equal_to_llamacpp") if k in r]
+        extra = [f"{k}: {r[k]}" for k in ("note", "decode_path", "batch_path", "greedy_prefix_equal_to_llamacpp",
+                                            "rounds_ok") if k in r]
         if "import_s" in r:
             extra.append(f"import {r['import_s']:.1f} s, RSS after import {r['rss_after_import'] / 1e9:.2f} GB")
         if "peak_rss_after_load" in r:
             extra.append(f"peak RSS after load {r['peak_rss_after_load'] / 1e9:.2f} GB")
         print(f"- {r['engine']} {r.get('setting', '')}: " + "; ".join(extra))
+    if "paired_ratios" in report:
+        print(f"\nseptet / llama.cpp within each of the {args.rounds} rounds (median first):")
+        for setting, per in report["paired_ratios"].items():
+            print(f"- {setting}: " + "; ".join(f"{m.replace('_tok_s', '')} {_median(v):.2f}x ({', '.join(map(str, v))})"
+                                               for m, v in per.items()))
     print()
     print("\n".join(report["verdict"]))
 

@@ -8,8 +8,10 @@ token per step.
 - `TextStream` turns ids into text incrementally: it decodes only a short trailing window
   per token, never splits a UTF-8 character, and applies stop strings (held back while a
   tail could still become one; the stop string itself is not emitted)
-- `optimize_for_inference` packs q/k/v and gate/up weights once; `Sampling(compile=True)`
-  runs septet.decode's static-shape compiled step (one graph per cache-length bucket)
+- `optimize_for_inference` packs q/k/v and gate/up weights once; decoding runs
+  septet.fused_decode's one-call step on LLaMA stacks with block weights (`--quant`), or with
+  `Sampling(compile=True)` septet.decode's static-shape compiled step (one graph per
+  cache-length bucket)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 
 from .errors import InputError
 from .decode import static_decoder, supports_static_decode
+from .fused_decode import FusedDecoder, why_not_fused
 from .models.base import DecoderLM
 
 
@@ -142,7 +145,11 @@ def decode_step(model: DecoderLM, compile: bool, batch: int, max_len: int):
     cache) -> logits (B, V).
 
     Compiled, it is septet.decode's static-shape step (one graph for every step) where that
-    is exact for the model; otherwise, and uncompiled, the model's own forward."""
+    is exact for the model. Uncompiled, it is septet.fused_decode's one-call step where the
+    model is a LLaMA stack on septet's block-weight kernels, else the model's own forward."""
+    if not compile and why_not_fused(model) is None:
+        fused = FusedDecoder(model)
+        return fused.step
     if compile and supports_static_decode(model, max_len):
         dec = static_decoder(model)
 

@@ -92,7 +92,8 @@ MIN_POSITIONS = 500
 #     decode 0.9602 / 0.0483;
 #   int4 with bf16 activations: 0.9445 / 0.0548 (prefill), 0.9517 / 0.0512 (decode).
 # An unrefined head (0.918), a wrong nibble order, scale or zero fall far outside.
-STRICT_SETTINGS = ("int4 (prefill)", "int4+compile (decode)", "int4-a8 (prefill)", "int4-a8+compile (decode)")
+STRICT_SETTINGS = ("int4 (prefill)", "int4+compile (decode)", "int4 fused (decode)",
+                   "int4-a8 (prefill)", "int4-a8+compile (decode)", "int4-a8 fused (decode)")
 
 ENGLISH = (
     "The lighthouse keeper had not spoken to another person in eleven weeks. Every morning he "
@@ -276,6 +277,7 @@ def test_top_token_logprob_matches_llamacpp(logits):
 def int4_logits(smol_path, logits):
     """setting -> {name: (llama.cpp log-probs, septet log-probs)} for the int4 settings."""
     import septet
+    from septet.fused_decode import FusedDecoder
     from septet.generate import decode_step
 
     slots = max(len(ids) for ids, *_ in logits.values())
@@ -283,19 +285,24 @@ def int4_logits(smol_path, logits):
     for quant, dtype in (("int4", torch.bfloat16), ("int4", torch.float32), ("int4-a8", torch.float32)):
         tag = quant + ("+bf16" if dtype == torch.bfloat16 else "")
         model = septet.load(str(smol_path), quant=quant, dtype=dtype).model
-        step = decode_step(model, True, 1, slots)
+        steps = {"+compile": decode_step(model, True, 1, slots)}
+        if dtype == torch.float32:  # septet.fused_decode's one-call step (the uncompiled default)
+            steps[" fused"] = decode_step(model, False, 1, slots)
+            assert isinstance(getattr(steps[" fused"], "__self__", None), FusedDecoder)
         with torch.inference_mode():
             for name, (ids, _, theirs, _) in logits.items():
                 x = torch.tensor([ids])
                 prefill = model(x)[0].double().log_softmax(-1)
                 out.setdefault(f"{tag} (prefill)", {})[name] = (theirs, prefill)
-                # the compiled step (one graph for every text): position 0, then a token a step
-                cache = model.new_cache(1, slots)
-                rows = [model(x[:, :1], cache=cache)[0, -1]]
-                for t in range(1, len(ids)):
-                    rows.append(step(x[:, t:t + 1], torch.tensor([[t]]), None, cache)[0])
-                decode = torch.stack(rows).double().log_softmax(-1)
-                out.setdefault(f"{tag}+compile (decode)", {})[name] = (theirs, decode)
+                # the decode steps (the compiled one is one graph for every text): position 0,
+                # then a token a step
+                for kind, step in steps.items():
+                    cache = model.new_cache(1, slots)
+                    rows = [model(x[:, :1], cache=cache)[0, -1]]
+                    for t in range(1, len(ids)):
+                        rows.append(step(x[:, t:t + 1], torch.tensor([[t]]), None, cache)[0])
+                    decode = torch.stack(rows).double().log_softmax(-1)
+                    out.setdefault(f"{tag}{kind} (decode)", {})[name] = (theirs, decode)
         del model
     return out
 

@@ -1,8 +1,9 @@
 """septet's own CPU kernels, compiled on first use and registered as torch operators.
 
 `q4.c` holds the matmul kernels for Q4_1 / Q8_0 block weights (fp32 activations, or int8
-ones as llama.cpp computes) and a one-token attention; `ops.cpp` registers them as
-`torch.ops.septet.q4_1_mm` / `q8_0_mm` / `decode_attention`. Both are built once per machine into
+ones as llama.cpp computes), `attn.c` a one-token attention, `step.c` a whole decoding step
+of a LLaMA stack on those two; `ops.cpp` registers them as `torch.ops.septet.q4_1_mm` /
+`q8_0_mm` / `decode_attention` / `llama_decode`. They are built once per machine into
 `$SEPTET_HOME/kernels/` with the system compilers (the ones torch.compile already needs on a
 CPU) for the CPU at hand (-march=native; ~10 s), under a name keyed by the sources, the
 compiler, torch's version and the CPU flags: a changed source, torch or machine builds
@@ -27,7 +28,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "q4.c", HERE / "ops.cpp")
+C_SOURCES = (HERE / "q4.c", HERE / "attn.c", HERE / "step.c")
+SOURCES = (*C_SOURCES, HERE / "kernels.h", HERE / "ops.cpp")
 _C_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11"]
 _CXX_FLAGS = ["-O2", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w"]
 
@@ -70,10 +72,11 @@ def _build(cc: str, cxx: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     print("septet: building CPU kernels (once per machine)...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
-        obj, so = Path(tmp) / "q4.o", Path(tmp) / "kernels.so"
-        _run([cc, *_C_FLAGS, "-c", str(SOURCES[0]), "-o", str(obj)])
-        _run([cxx, *_CXX_FLAGS, abi, *(f"-I{p}" for p in include_paths()), str(SOURCES[1]), str(obj),
-              "-o", str(so), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-lm"])
+        objs, so = [Path(tmp) / f"{src.stem}.o" for src in C_SOURCES], Path(tmp) / "kernels.so"
+        for src, obj in zip(C_SOURCES, objs):
+            _run([cc, *_C_FLAGS, "-c", str(src), "-o", str(obj)])
+        _run([cxx, *_CXX_FLAGS, abi, *(f"-I{p}" for p in include_paths()), f"-I{HERE}", str(HERE / "ops.cpp"),
+              *map(str, objs), "-o", str(so), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-lm"])
         os.replace(so, out)
     for old in out.parent.glob("septet_kernels-*.so"):  # builds of other sources or machines
         if old != out:
@@ -137,6 +140,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("septet::decode_attention")
     def _(q, k, v, mask, scale):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("septet::llama_decode")
+    def _(x, weights, kinds, k, v, pos, cos, sin, mask, n_head, eps, rope_half):
+        return x.new_empty(x.shape)
 
 
 def why_not() -> str | None:
