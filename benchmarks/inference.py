@@ -4,6 +4,8 @@
     python benchmarks/inference.py                 # table (~5 min on an idle 2-core CPU)
     python benchmarks/inference.py --quick         # shorter decode, one timed repeat (~2 min)
     python benchmarks/inference.py --json > r.json # machine-readable (progress on stderr)
+    python benchmarks/inference.py --rounds 3      # every engine 3 times, alternating order: medians
+                                                   # and septet / llama.cpp paired within each round
 
 Model: SmolLM2-135M-Instruct Q4_1 GGUF (`septet.assets.asset_file("smollm2")`), loaded by
 - septet: `septet.load(path, dtype=...)` for every weight setting septet offers (fp32, bf16,
@@ -24,6 +26,8 @@ checks they equal llama.cpp's):
   EOS disabled), counting only the steps after the first token; b8 is the total over 8 rows;
 - peak RSS of the process, and septet's in-memory weight bytes (the RSS target is 1.5x that).
 Timings are the fastest of --reps repeats after one warm-up (all kept in the JSON's raw_s).
+septet reports which decode step ran (`decode_path`: the fused one-call step, the compiled
+static step, or the model's forward).
 """
 
 from __future__ import annotations

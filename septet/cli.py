@@ -169,13 +169,14 @@ def _quant(args: argparse.Namespace) -> str | None:
 
 def _inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", choices=["auto", "none", "int8", "int4", "int8-a8", "int4-a8"], default="auto",
-                   help="weight-only quantised linear layers on septet's CPU kernels (fastest with "
-                        "--compile). auto (default): a GGUF file's own 4 / 8-bit blocks, kept as they are "
+                   help="weight-only quantised linear layers on septet's CPU kernels (LLaMA-family "
+                        "models then decode through septet's fused one-call step). auto (default): a GGUF file's own 4 / 8-bit blocks, kept as they are "
                         "(septet.api.native_quant), other files unquantised; -a8: activations quantised "
                         "to 8 bits per block too, llama.cpp's arithmetic")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (slow first call, faster tokens)")
+                   help="torch.compile the decode step (a 15-50 s first call; faster tokens for models "
+                        "without the fused step: LLaMA on --quant int4/int8 is faster without it)")
 
 
 def build_parser() -> argparse.ArgumentParser:

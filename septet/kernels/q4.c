@@ -106,11 +106,13 @@ static int quantize_x(const float *x, int M, int K, int q4_order, qx_t *qx)
  * left the 2-core VM's memory idle between rows: this made a SmolLM2 token's matmuls ~20%
  * faster (measured A/B over 12 interleaved rounds). Prefetches never fault, but only rows
  * of this call's range are asked for. */
+#ifndef PREFETCH_ROWS /* benchmarks/kernel_ab.py builds with -DPREFETCH_ROWS=0 to compare */
 #define PREFETCH_ROWS 4
+#endif
 ALWAYS_INLINE void prefetch_row(int n, int N, const uint8_t *row, size_t row_bytes, const _Float16 *d,
                                 const _Float16 *mn, int nb)
 {
-    if (n + PREFETCH_ROWS >= N) return;
+    if (PREFETCH_ROWS == 0 || n + PREFETCH_ROWS >= N) return;
     const char *w = (const char *)(row + PREFETCH_ROWS * row_bytes);
     for (size_t o = 0; o < row_bytes; o += 64) _mm_prefetch(w + o, _MM_HINT_T0);
     const size_t s = (size_t)(n + PREFETCH_ROWS) * nb;
