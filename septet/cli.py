@@ -132,6 +132,30 @@ def cmd_chat(args: argparse.Namespace) -> Any:
     return None
 
 
+def cmd_serve(args: argparse.Namespace) -> Any:
+    from .api import load
+    from .serve import SeptetServer
+
+    lm = load(args.model, quant=_quant(args), dtype=args.dtype)
+    if lm.tokenizer is None:
+        raise ConfigError(f"{args.model} has no tokenizer, so it cannot serve text; load a checkpoint that has one")
+    try:
+        server = SeptetServer(lm, args.host, args.port, model_name=args.name, verbose=not args.quiet,
+                              compile=args.compile)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}; "
+                          "pick another --port") from None
+    print(f"septet serve: {server.model_name} at {server.url} (chat page at /, OpenAI API at /v1)",
+          file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return None
+
+
 def cmd_export(args: argparse.Namespace) -> Any:
     from .api import model_path
     from .checkpoints.convert import export
@@ -242,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the text where it first contains TEXT (repeatable)")
     _inference_flags(g)
+
+    s = verb("serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API, with a chat page")
+    s.add_argument("--model", default="smollm2", help="asset name, checkpoint, HF/Meta dir or .gguf")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--name", default=None, help="the model id clients see (default: the model's name)")
+    s.add_argument("--quiet", action="store_true", help="no request log on stderr")
+    _inference_flags(s)
 
     x = verb("export", cmd_export, "convert a model to an HF directory, a GGUF file or a septet checkpoint")
     x.add_argument("--model", required=True, help="asset name, checkpoint or run dir, HF/Meta dir, .gguf")

@@ -1,0 +1,145 @@
+"""`septet serve`: an OpenAI-compatible HTTP API and a chat page, on the standard library.
+
+    GET  /                      a chat page (streams from /v1/chat/completions)
+    GET  /health                {"status": "ok", "model": ...}
+    GET  /v1/models             the one model served
+    POST /v1/completions        prompt -> text (stream: server-sent events)
+    POST /v1/chat/completions   messages -> the assistant's message (stream: events)
+
+One model, one generation at a time: requests wait on a lock, so each runs at the full
+speed of the CPU (the decode step already uses every core). A bad request gets HTTP 400
+with {"error": {"message", "type", "param"}}; a body over 1 MB gets 413; a client that
+disconnects mid-stream stops its generation.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+from ..api import LoadedModel
+from ..errors import SeptetError
+from . import openai
+from .page import PAGE
+
+MAX_BODY = 1 << 20
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "SeptetServer"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        if self.server.verbose:
+            sys.stderr.write(f"septet serve: {self.address_string()} {fmt % args}\n")
+
+    # --- responses --------------------------------------------------------------
+    def _send(self, status: int, body: bytes, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def _error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+    # --- routes -------------------------------------------------------------------
+    def do_GET(self) -> None:  # noqa: N802 (the http.server interface)
+        path = self.path.split("?", 1)[0]
+        if path == "/":
+            self._send(200, PAGE.replace("{{MODEL}}", self.server.model_name).encode(), "text/html; charset=utf-8")
+        elif path == "/health":
+            self._json(200, {"status": "ok", "model": self.server.model_name})
+        elif path == "/v1/models":
+            self._json(200, {"object": "list", "data": [
+                {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "septet"}]})
+        else:
+            self._error(404, f"no route GET {path}; see GET /v1/models, POST /v1/completions, "
+                             "POST /v1/chat/completions", "not_found_error")
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        parse: Callable | None = {"/v1/completions": openai.parse_completion,
+                                  "/v1/chat/completions": openai.parse_chat}.get(path)
+        if parse is None:
+            self._error(404, f"no route POST {path}; use /v1/completions or /v1/chat/completions",
+                        "not_found_error")
+            return
+        body = self._read_json()
+        if body is None:
+            return
+        try:
+            req = parse(body, self.server.lm, compile=self.server.compile)
+        except SeptetError as e:  # RequestError, a chat template that rejects the messages, ...
+            self._error(400, str(e))
+            return
+        with self.server.lock:
+            if req.stream:
+                self._stream(req)
+            else:
+                gen = openai.Generation(self.server.lm, req)
+                text = "".join(gen)
+                self._json(200, openai.response(req, self.server.model_name, text, gen))
+
+    def _read_json(self) -> Any:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self._error(411, "send the JSON body with a Content-Length header")
+            return None
+        if int(length) > MAX_BODY:
+            self._error(413, f"the body is {length} bytes; the limit is {MAX_BODY}")
+            return None
+        raw = self.rfile.read(int(length))
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self._error(400, f"the body is not valid JSON: {e.msg if hasattr(e, 'msg') else e}")
+            return None
+
+    def _stream(self, req: openai.Request) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # the stream ends when the connection does
+        self.end_headers()
+        self.close_connection = True
+        name, gen = self.server.model_name, openai.Generation(self.server.lm, req)
+
+        def event(obj: Any) -> None:
+            self.wfile.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
+            self.wfile.flush()
+
+        pieces = iter(gen)
+        try:
+            first = True
+            for piece in pieces:
+                event(openai.chunk(req, name, piece, first=first))
+                first = False
+            if first and req.chat:  # an empty answer still says who is speaking
+                event(openai.chunk(req, name, "", first=True))
+            event(openai.chunk(req, name, None, gen))
+            event(b"[DONE]")
+        except (BrokenPipeError, ConnectionResetError):
+            pieces.close()  # the client left: stop generating
+
+
+class SeptetServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, lm: LoadedModel, host: str = "127.0.0.1", port: int = 8000, *,
+                 model_name: str | None = None, verbose: bool = True, compile: bool = False):
+        self.lm, self.lock, self.verbose, self.compile = lm, threading.Lock(), verbose, compile
+        self.model_name = model_name or lm.name or "septet"
+        super().__init__((host, port), _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"

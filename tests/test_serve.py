@@ -1,0 +1,169 @@
+"""`septet serve`: the OpenAI-compatible API answers what `septet.generate` computes, streams
+the same text in pieces, and refuses bad requests with HTTP 400 naming the field; the
+official `openai` client (an independent reading of the API) talks to it."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from septet.api import LoadedModel
+from septet.config import get_preset
+from septet.models import build
+from septet.serve import SeptetServer
+from septet.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def lm(small_corpus) -> LoadedModel:
+    tok = Tokenizer.train_bpe([small_corpus.read_text()], 400,
+                              special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    torch.manual_seed(0)
+    cfg = get_preset("llama-tiny").config.replace(n_layer=1, d_model=32, n_head=2, n_kv_head=1,
+                                                   vocab_size=400, context=160)
+    return LoadedModel(build(cfg).eval(), tok, name="tiny", eos_ids=(tok.token_to_id("<|im_end|>"),))
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    srv = SeptetServer(lm, "127.0.0.1", 0, verbose=False)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def post(server, path: str, body, raw: bool = False) -> tuple[int, bytes]:
+    data = body if raw else json.dumps(body).encode()
+    req = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def events(payload: bytes) -> list:
+    out = []
+    for block in payload.decode().split("\n\n"):
+        if block.startswith("data: "):
+            data = block[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_completion_is_what_generate_computes(server, lm):
+    status, body = post(server, "/v1/completions", {"prompt": "To be, or not", "max_tokens": 12, "temperature": 0})
+    assert status == 200
+    r = json.loads(body)
+    assert r["object"] == "text_completion" and r["model"] == "tiny"
+    assert r["choices"][0]["text"] == lm.generate("To be, or not", max_new_tokens=12, temperature=0)
+    assert r["usage"]["prompt_tokens"] == len(lm.encode("To be, or not"))
+    if r["choices"][0]["finish_reason"] == "length":
+        assert r["usage"]["completion_tokens"] == 12
+
+
+def test_stream_sends_the_same_text_in_pieces(server):
+    body = {"prompt": "My lord", "max_tokens": 10, "temperature": 0}
+    whole = json.loads(post(server, "/v1/completions", body)[1])
+    status, payload = post(server, "/v1/completions", {**body, "stream": True})
+    ev = events(payload)
+    assert status == 200 and ev[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["text"] for e in ev[:-1]) == whole["choices"][0]["text"]
+    assert ev[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert ev[-2]["usage"] == whole["usage"]
+
+
+def test_a_stop_string_ends_the_text(server):
+    free = json.loads(post(server, "/v1/completions", {"prompt": "the king", "max_tokens": 20,
+                                                       "temperature": 0})[1])["choices"][0]["text"]
+    stop = free.strip()[:3]
+    assert stop
+    r = json.loads(post(server, "/v1/completions", {"prompt": "the king", "max_tokens": 20, "temperature": 0,
+                                                    "stop": [stop]})[1])
+    assert r["choices"][0]["finish_reason"] == "stop"
+    assert r["choices"][0]["text"] == free[:free.index(stop)]
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 160}, "context of 160"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "n": 2}, "'n' is not supported"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": []}, "messages"),
+])
+def test_bad_requests_get_400_naming_the_field(server, body, field):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    status, payload = post(server, path, body)
+    assert status == 400
+    assert field in json.loads(payload)["error"]["message"]
+
+
+def test_bad_json_unknown_routes_and_huge_bodies(server):
+    status, payload = post(server, "/v1/completions", b"{not json", raw=True)
+    assert status == 400 and "not valid JSON" in json.loads(payload)["error"]["message"]
+    assert post(server, "/v1/embeddings", {})[0] == 404
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Length", str(10 << 20))
+    conn.endheaders()
+    assert conn.getresponse().status == 413
+    conn.close()
+
+
+def test_a_client_leaving_mid_stream_frees_the_server(server):
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    body = json.dumps({"prompt": "Hamlet", "max_tokens": 100, "stream": True, "temperature": 1.0}).encode()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    resp.read1(64)
+    conn.close()  # gone after the first event
+    results = []
+
+    def ask():
+        results.append(post(server, "/v1/completions", {"prompt": "x", "max_tokens": 3})[0])
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]  # also: two at once, one lock
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [200, 200]
+
+
+def test_the_openai_client_talks_to_it(server, lm):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is the king?"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    text = r.choices[0].message.content
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens <= 12
+    pieces = [c.choices[0].delta.content or "" for c in
+              client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                             stream=True)]
+    assert "".join(pieces) == text
+    c = client.completions.create(model="tiny", prompt="To be", max_tokens=5, temperature=0)
+    assert c.choices[0].text == lm.generate("To be", max_new_tokens=5, temperature=0)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="tiny", prompt="To be", max_tokens=10_000)
+
+
+def test_the_chat_page_is_served(server):
+    with urllib.request.urlopen(server.url + "/", timeout=30) as r:
+        page = r.read().decode()
+    assert "/v1/chat/completions" in page and "tiny" in page and "textContent" in page
+    with urllib.request.urlopen(server.url + "/health", timeout=30) as r:
+        assert json.loads(r.read()) == {"status": "ok", "model": "tiny"}
