@@ -122,6 +122,9 @@ def test_bad_input_gets_a_clear_error():
     with pytest.raises(RuntimeError, match="llama_decode: .*need 18 weights"):
         torch.ops.septet.llama_decode(torch.zeros(1, 64), fused.weights[:-1], fused.kinds, cache.k, cache.v, 0,
                                       torch.zeros(1, 8), torch.zeros(1, 8), None, 4, 1e-6, True)
+    with pytest.raises(RuntimeError, match="llama_decode: k must be"):
+        torch.ops.septet.llama_decode(torch.zeros(1, 64), fused.weights, fused.kinds, [t[0] for t in cache.k],
+                                      cache.v, 0, torch.zeros(1, 8), torch.zeros(1, 8), None, 4, 1e-6, True)
     bad = list(fused.weights)
     bad[1] = bad[1][:, :1]  # qkv blocks of the wrong shape
     with pytest.raises(RuntimeError, match="llama_decode: qkv: blocks must be"):

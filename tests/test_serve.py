@@ -167,3 +167,19 @@ def test_the_chat_page_is_served(server):
     assert "/v1/chat/completions" in page and "tiny" in page and "textContent" in page
     with urllib.request.urlopen(server.url + "/health", timeout=30) as r:
         assert json.loads(r.read()) == {"status": "ok", "model": "tiny"}
+
+
+def test_a_failing_generation_is_a_500_and_the_server_keeps_serving(server, monkeypatch):
+    from septet.serve import openai as api
+
+    def boom(self):
+        raise RuntimeError("kernel exploded")
+        yield
+
+    monkeypatch.setattr(api.Generation, "__iter__", boom)
+    status, payload = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 3})
+    assert status == 500 and "RuntimeError: kernel exploded" in json.loads(payload)["error"]["message"]
+    status, payload = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 3, "stream": True})
+    assert status == 200 and "kernel exploded" in events(payload)[-1]["error"]["message"]
+    monkeypatch.undo()
+    assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 3})[0] == 200

@@ -76,6 +76,8 @@ septet_linear linear_arg(at::TensorList w, size_t i, int64_t kind, int64_t int8_
                          const char *what) {
   const at::Tensor &qs = w[i], &d = w[i + 1], &mn = w[i + 2], &bias = w[i + 3];
   TORCH_CHECK(kind == 4 || kind == 8, "septet llama_decode: ", what, ": kind must be 4 (Q4_1) or 8 (Q8_0)");
+  for (const at::Tensor *t : {&qs, &d, &mn, &bias})
+    TORCH_CHECK(t->device().is_cpu(), "septet llama_decode: ", what, ": every tensor must be on the CPU");
   TORCH_CHECK(K % 32 == 0 && qs.dim() == 3 && qs.size(0) == N && qs.size(1) == K / 32 &&
                   qs.size(2) == (kind == 4 ? 16 : 32) && qs.scalar_type() == (kind == 4 ? at::kByte : at::kChar) &&
                   qs.is_contiguous(),
@@ -100,8 +102,8 @@ septet_linear linear_arg(at::TensorList w, size_t i, int64_t kind, int64_t int8_
 }
 
 const float *vector_arg(const at::Tensor &t, int64_t n, const char *what) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n,
-              "septet llama_decode: ", what, " must be ", n, " contiguous float32 numbers");
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n,
+              "septet llama_decode: ", what, " must be ", n, " contiguous float32 numbers on the CPU");
   return t.data_ptr<float>();
 }
 
@@ -115,7 +117,10 @@ at::Tensor llama_decode(const at::Tensor &x, at::TensorList weights, at::IntArra
   const size_t L = k.size();
   TORCH_CHECK(L > 0 && v.size() == L && weights.size() == 18 * L && kinds.size() == 8 * L,
               "septet llama_decode: need 18 weights and 8 kinds per layer and one k, v per layer");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "septet llama_decode: x must be (B, C) float32");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "septet llama_decode: x must be (B, C) float32 on the CPU");
+  TORCH_CHECK(k[0].dim() == 4 && weights[10].dim() == 3, "septet llama_decode: k must be (B, Hkv, S, D) and "
+              "gate_up blocks 3-D");
   const int64_t B = x.size(0), C = x.size(1), Hkv = k[0].size(1), S = k[0].size(2), D = k[0].size(3);
   TORCH_CHECK(n_head > 0 && n_head % Hkv == 0 && D % 2 == 0, "septet llama_decode: bad head counts");
   TORCH_CHECK(pos >= 0 && pos < S, "septet llama_decode: slot ", pos, " is outside the cache of ", S);
@@ -123,9 +128,10 @@ at::Tensor llama_decode(const at::Tensor &x, at::TensorList weights, at::IntArra
   std::vector<septet_layer> layers(L);
   for (size_t l = 0; l < L; l++) {
     for (const at::Tensor *c : {&k[l], &v[l]})
-      TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 4 && c->size(0) == B &&
+      TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 4 &&
+                      c->size(0) == B &&
                       c->size(1) == Hkv && c->size(2) == S && c->size(3) == D,
-                  "septet llama_decode: layer ", l, ": cache must be contiguous float32 (B, Hkv, S, D)");
+                  "septet llama_decode: layer ", l, ": cache must be contiguous float32 (B, Hkv, S, D) on the CPU");
     const size_t i = 18 * l;
     const int64_t *kd = kinds.data() + 8 * l;
     septet_layer &ly = layers[l];
@@ -146,7 +152,7 @@ at::Tensor llama_decode(const at::Tensor &x, at::TensorList weights, at::IntArra
   a.mask = nullptr, a.mask_stride = 0;
   if (mask) {
     m = mask->contiguous();
-    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == B && m.size(1) > pos,
+    TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == B && m.size(1) > pos,
                 "septet llama_decode: mask must be (B, > pos) bool");
     a.mask = reinterpret_cast<const uint8_t *>(m.data_ptr<bool>());
     a.mask_stride = m.size(1);

@@ -83,10 +83,18 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             if req.stream:
                 self._stream(req)
-            else:
-                gen = openai.Generation(self.server.lm, req)
+                return
+            gen = openai.Generation(self.server.lm, req)
+            try:
                 text = "".join(gen)
-                self._json(200, openai.response(req, self.server.model_name, text, gen))
+            except SeptetError as e:
+                self._error(400, str(e))
+                return
+            except Exception as e:  # a bug, not the client's fault: say so in one line, keep serving
+                self.log_error("generation failed: %s: %s", type(e).__name__, e)
+                self._error(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
+                return
+            self._json(200, openai.response(req, self.server.model_name, text, gen))
 
     def _read_json(self) -> Any:
         length = self.headers.get("Content-Length")
@@ -128,6 +136,13 @@ class _Handler(BaseHTTPRequestHandler):
             event(b"[DONE]")
         except (BrokenPipeError, ConnectionResetError):
             pieces.close()  # the client left: stop generating
+        except Exception as e:  # the status line is sent: report in the stream, then end it
+            self.log_error("generation failed: %s: %s", type(e).__name__, e)
+            try:
+                event({"error": {"message": f"generation failed: {type(e).__name__}: {e}",
+                                 "type": "server_error", "param": None, "code": None}})
+            except OSError:
+                pass
 
 
 class SeptetServer(ThreadingHTTPServer):
