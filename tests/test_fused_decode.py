@@ -130,3 +130,21 @@ def test_bad_input_gets_a_clear_error():
     with pytest.raises(RuntimeError, match="llama_decode: qkv: blocks must be"):
         torch.ops.septet.llama_decode(torch.zeros(1, 64), bad, fused.kinds, cache.k, cache.v, 0,
                                       torch.zeros(1, 8), torch.zeros(1, 8), None, 4, 1e-6, True)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_fused_cached_steps_equal_the_uncached_forward(mode):
+    """Item 5 of issue 3 for the fused path: each cached step's logits are the uncached
+    forward's logits at that position (the forward re-reads the whole sequence, T = 5..44
+    rows: below and above the layers' dense-path threshold of 32 rows)."""
+    model = tiny(mode, seed=2)
+    fused = FusedDecoder(model)
+    seq = [7, 3, 90, 15]
+    cache = model.new_cache(1, 48)
+    with torch.inference_mode():
+        logits = model(torch.tensor([seq]), cache=cache, last_only=True)[:, -1]
+        for _ in range(40):
+            seq.append(int(logits.argmax(-1)))
+            logits = fused.step(torch.tensor([[seq[-1]]]), torch.tensor([[len(seq) - 1]]), None, cache)
+            full = model(torch.tensor([seq]))[:, -1]  # no cache: the whole sequence again
+            torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
