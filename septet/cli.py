@@ -136,12 +136,14 @@ def cmd_serve(args: argparse.Namespace) -> Any:
     from .api import load
     from .serve import SeptetServer
 
+    if args.max_batch < 1:
+        raise ConfigError(f"--max-batch must be at least 1, got {args.max_batch}")
     lm = load(args.model, quant=_quant(args), dtype=args.dtype)
     if lm.tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer, so it cannot serve text; load a checkpoint that has one")
     try:
         server = SeptetServer(lm, args.host, args.port, model_name=args.name, verbose=not args.quiet,
-                              compile=args.compile)
+                              compile=args.compile, max_batch=args.max_batch)
     except OSError as e:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}; "
                           "pick another --port") from None
@@ -273,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--name", default=None, help="the model id clients see (default: the model's name)")
     s.add_argument("--quiet", action="store_true", help="no request log on stderr")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
     _inference_flags(s)
 
     x = verb("export", cmd_export, "convert a model to an HF directory, a GGUF file or a septet checkpoint")

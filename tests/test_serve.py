@@ -166,20 +166,46 @@ def test_the_chat_page_is_served(server):
         page = r.read().decode()
     assert "/v1/chat/completions" in page and "tiny" in page and "textContent" in page
     with urllib.request.urlopen(server.url + "/health", timeout=30) as r:
-        assert json.loads(r.read()) == {"status": "ok", "model": "tiny"}
+        health = json.loads(r.read())
+    assert health["status"] == "ok" and health["model"] == "tiny" and health["requests"] >= health["batches"] > 0
 
 
 def test_a_failing_generation_is_a_500_and_the_server_keeps_serving(server, monkeypatch):
-    from septet.serve import openai as api
+    from septet.serve import batcher
 
-    def boom(self):
+    def boom(*args):
         raise RuntimeError("kernel exploded")
-        yield
 
-    monkeypatch.setattr(api.Generation, "__iter__", boom)
+    monkeypatch.setattr(batcher.Batcher, "_emit", staticmethod(boom))
     status, payload = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 3})
     assert status == 500 and "RuntimeError: kernel exploded" in json.loads(payload)["error"]["message"]
     status, payload = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 3, "stream": True})
     assert status == 200 and "kernel exploded" in events(payload)[-1]["error"]["message"]
     monkeypatch.undo()
     assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 3})[0] == 200
+
+
+def test_requests_decoded_together_get_what_each_gets_alone(lm):
+    """The batch path itself (run synchronously): rows of different lengths, budgets and
+    stop strings, one row dropped when its client leaves; every other row's text is the one
+    `septet.generate` gives for that prompt alone."""
+    from septet.generate import Sampling
+    from septet.serve.batcher import Batcher, Job
+    from septet.serve.openai import Request
+
+    batcher = Batcher(lm)  # its worker idles on the empty queue; the batch runs here
+    prompts = ["To be, or not to be", "My lord", "What is the king doing in the garden today", "O"]
+    budgets = [12, 5, 9, 12]
+    jobs = [Job(Request(lm._prompt_ids(p), Sampling(max_new_tokens=n, temperature=0), (), False, False))
+            for p, n in zip(prompts, budgets)]
+    alone_free = lm.generate(prompts[3], max_new_tokens=12, temperature=0)
+    stop = alone_free.strip()[:2]
+    jobs[3].req.stop = (stop,)
+    gone = Job(Request(lm._prompt_ids("Hamlet"), Sampling(max_new_tokens=12, temperature=0), (), False, False))
+    gone.close()
+    batcher._generate(jobs + [gone])
+    for job, p, n in zip(jobs[:3], prompts, budgets):
+        assert "".join(job) == lm.generate(p, max_new_tokens=n, temperature=0), p
+        assert job.finish_reason in ("length", "stop")
+    assert "".join(jobs[3]) == alone_free[:alone_free.index(stop)] and jobs[3].finish_reason == "stop"
+    assert gone.completion_tokens == 1  # dropped after its first token

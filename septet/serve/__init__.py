@@ -1,6 +1,7 @@
 """Serving: an OpenAI-compatible HTTP API and a chat page (`septet serve`)."""
 
 from .http import SeptetServer
-from .openai import Generation, Request, RequestError, parse_chat, parse_completion
+from .batcher import Batcher, Job
+from .openai import Request, RequestError, parse_chat, parse_completion
 
-__all__ = ["SeptetServer", "Generation", "Request", "RequestError", "parse_chat", "parse_completion"]
+__all__ = ["SeptetServer", "Batcher", "Job", "Request", "RequestError", "parse_chat", "parse_completion"]

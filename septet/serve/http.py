@@ -1,13 +1,14 @@
 """`septet serve`: an OpenAI-compatible HTTP API and a chat page, on the standard library.
 
     GET  /                      a chat page (streams from /v1/chat/completions)
-    GET  /health                {"status": "ok", "model": ...}
+    GET  /health                {"status": "ok", "model": ..., requests and batches so far}
     GET  /v1/models             the one model served
     POST /v1/completions        prompt -> text (stream: server-sent events)
     POST /v1/chat/completions   messages -> the assistant's message (stream: events)
 
-One model, one generation at a time: requests wait on a lock, so each runs at the full
-speed of the CPU (the decode step already uses every core). A bad request gets HTTP 400
+One model, owned by one worker thread that decodes the waiting requests as one batch
+(septet.serve.batcher: up to --max-batch rows, each with its own sampling and stops).
+A bad request gets HTTP 400
 with {"error": {"message", "type", "param"}}; a body over 1 MB gets 413; a client that
 disconnects mid-stream stops its generation.
 """
@@ -16,13 +17,13 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from ..api import LoadedModel
 from ..errors import SeptetError
 from . import openai
+from .batcher import Batcher, Job
 from .page import PAGE
 
 MAX_BODY = 1 << 20
@@ -56,7 +57,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/":
             self._send(200, PAGE.replace("{{MODEL}}", self.server.model_name).encode(), "text/html; charset=utf-8")
         elif path == "/health":
-            self._json(200, {"status": "ok", "model": self.server.model_name})
+            self._json(200, {"status": "ok", "model": self.server.model_name, **self.server.batcher.stats})
         elif path == "/v1/models":
             self._json(200, {"object": "list", "data": [
                 {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "septet"}]})
@@ -80,21 +81,20 @@ class _Handler(BaseHTTPRequestHandler):
         except SeptetError as e:  # RequestError, a chat template that rejects the messages, ...
             self._error(400, str(e))
             return
-        with self.server.lock:
-            if req.stream:
-                self._stream(req)
-                return
-            gen = openai.Generation(self.server.lm, req)
-            try:
-                text = "".join(gen)
-            except SeptetError as e:
-                self._error(400, str(e))
-                return
-            except Exception as e:  # a bug, not the client's fault: say so in one line, keep serving
-                self.log_error("generation failed: %s: %s", type(e).__name__, e)
-                self._error(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
-                return
-            self._json(200, openai.response(req, self.server.model_name, text, gen))
+        job = self.server.batcher.submit(req)
+        if req.stream:
+            self._stream(req, job)
+            return
+        try:
+            text = "".join(job)
+        except SeptetError as e:
+            self._error(400, str(e))
+            return
+        except Exception as e:  # a bug, not the client's fault: say so in one line, keep serving
+            self.log_error("generation failed: %s: %s", type(e).__name__, e)
+            self._error(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
+            return
+        self._json(200, openai.response(req, self.server.model_name, text, job))
 
     def _read_json(self) -> Any:
         length = self.headers.get("Content-Length")
@@ -111,31 +111,30 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, f"the body is not valid JSON: {e.msg if hasattr(e, 'msg') else e}")
             return None
 
-    def _stream(self, req: openai.Request) -> None:
+    def _stream(self, req: openai.Request, job: Job) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")  # the stream ends when the connection does
         self.end_headers()
         self.close_connection = True
-        name, gen = self.server.model_name, openai.Generation(self.server.lm, req)
+        name = self.server.model_name
 
         def event(obj: Any) -> None:
             self.wfile.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
             self.wfile.flush()
 
-        pieces = iter(gen)
         try:
             first = True
-            for piece in pieces:
+            for piece in job:
                 event(openai.chunk(req, name, piece, first=first))
                 first = False
             if first and req.chat:  # an empty answer still says who is speaking
                 event(openai.chunk(req, name, "", first=True))
-            event(openai.chunk(req, name, None, gen))
+            event(openai.chunk(req, name, None, job))
             event(b"[DONE]")
         except (BrokenPipeError, ConnectionResetError):
-            pieces.close()  # the client left: stop generating
+            job.close()  # the client left: the worker drops its row
         except Exception as e:  # the status line is sent: report in the stream, then end it
             self.log_error("generation failed: %s: %s", type(e).__name__, e)
             try:
@@ -149,8 +148,10 @@ class SeptetServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, lm: LoadedModel, host: str = "127.0.0.1", port: int = 8000, *,
-                 model_name: str | None = None, verbose: bool = True, compile: bool = False):
-        self.lm, self.lock, self.verbose, self.compile = lm, threading.Lock(), verbose, compile
+                 model_name: str | None = None, verbose: bool = True, compile: bool = False,
+                 max_batch: int = 8):
+        self.lm, self.verbose, self.compile = lm, verbose, compile
+        self.batcher = Batcher(lm, max_batch)
         self.model_name = model_name or lm.name or "septet"
         super().__init__((host, port), _Handler)
 

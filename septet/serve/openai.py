@@ -1,8 +1,7 @@
 """The OpenAI-compatible request and response shapes, with no HTTP in them.
 
 `parse_completion` / `parse_chat` check a request body and turn it into a `Request` (prompt
-ids, Sampling, stop strings); `Generation` runs one request and records why it ended;
-the `*_response` / `*_chunk` functions build the JSON objects the OpenAI API returns (a
+ids, Sampling, stop strings; septet.serve.batcher runs it); `response` / `chunk` build the JSON objects the OpenAI API returns (a
 whole completion, or one server-sent event of a stream). Errors are `RequestError`, a
 one-line message naming the field and the fix, sent back as HTTP 400.
 """
@@ -12,12 +11,12 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from ..api import LoadedModel
 from ..chat_template import DEFAULT_TEMPLATE, render_chat
 from ..errors import SeptetError
-from ..generate import Sampling, TextStream, generate_ids, optimize_for_inference
+from ..generate import Sampling
 
 MAX_STOPS = 4  # as the OpenAI API
 
@@ -128,42 +127,12 @@ def parse_chat(body: Any, lm: LoadedModel, default_max: int = 256, compile: bool
     return _common(body, lm, lm.encode(text), True, default_max, compile)
 
 
-class Generation:
-    """Text pieces of one request; afterwards `finish_reason` ("stop": an end-of-text token or
-    a stop string; "length": max tokens or the context's end) and `completion_tokens`."""
-
-    def __init__(self, lm: LoadedModel, req: Request):
-        self.lm, self.req = lm, req
-        self.finish_reason = "length"
-        self.completion_tokens = 0
-
-    def __iter__(self) -> Iterator[str]:
-        lm = self.lm
-        stop_ids = lm._stop_ids()
-        optimize_for_inference(lm.model)
-        ts = TextStream(lm.tokenizer, self.req.stop)
-        for t in generate_ids(lm.model, self.req.ids, self.req.sampling, stop_ids=stop_ids):
-            self.completion_tokens += 1
-            if t in stop_ids:
-                self.finish_reason = "stop"
-                return
-            piece = ts.push(t)
-            if piece:
-                yield piece
-            if ts.stopped:
-                self.finish_reason = "stop"
-                return
-        rest = ts.finish()
-        if rest:
-            yield rest
-
-
-def _usage(req: Request, gen: Generation) -> dict:
+def _usage(req: Request, gen) -> dict:
     n = gen.completion_tokens
     return {"prompt_tokens": len(req.ids), "completion_tokens": n, "total_tokens": len(req.ids) + n}
 
 
-def response(req: Request, model: str, text: str, gen: Generation) -> dict:
+def response(req: Request, model: str, text: str, gen) -> dict:
     """The whole answer: a `text_completion` or a `chat.completion` object."""
     if req.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
@@ -176,7 +145,7 @@ def response(req: Request, model: str, text: str, gen: Generation) -> dict:
             "choices": [choice], "usage": _usage(req, gen)}
 
 
-def chunk(req: Request, model: str, piece: str | None, gen: Generation | None = None,
+def chunk(req: Request, model: str, piece: str | None, gen=None,
           first: bool = False) -> dict:
     """One streamed event: a text piece, or (piece None) the last one with the finish reason."""
     done = piece is None
