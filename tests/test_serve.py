@@ -209,3 +209,18 @@ def test_requests_decoded_together_get_what_each_gets_alone(lm):
         assert job.finish_reason in ("length", "stop")
     assert "".join(jobs[3]) == alone_free[:alone_free.index(stop)] and jobs[3].finish_reason == "stop"
     assert gone.completion_tokens == 1  # dropped after its first token
+
+
+def test_the_chat_page_script_is_valid_javascript(tmp_path):
+    import shutil
+    import subprocess
+
+    from septet.serve.page import PAGE
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: cannot check the page's script")
+    script = tmp_path / "page.js"
+    script.write_text(PAGE.split("<script>")[1].split("</script>")[0])
+    r = subprocess.run([node, "--check", str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

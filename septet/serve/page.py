@@ -50,7 +50,9 @@ document.getElementById("f").onsubmit = async e => {
     while ((i = buf.indexOf("\\n\\n")) >= 0) {
       const line = buf.slice(0, i); buf = buf.slice(i + 2);
       if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
-      const piece = JSON.parse(line.slice(6)).choices[0].delta.content;
+      const obj = JSON.parse(line.slice(6));
+      if (obj.error) { out.className = "error"; out.textContent = obj.error.message; continue; }
+      const piece = obj.choices[0].delta.content;
       if (piece) { out.textContent += piece; out.scrollIntoView(); }
     }
   }
