@@ -45,3 +45,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def chat_lm(small_corpus):
+    """A 1-layer llama-tiny with a BPE trained on Hamlet and ChatML's special tokens: random
+    weights, but a real tokenizer and chat conventions (chat, serve). One per test module."""
+    import torch
+
+    from septet.api import LoadedModel
+    from septet.config import get_preset
+    from septet.models import build
+    from septet.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_bpe([small_corpus.read_text()], 400,
+                              special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    torch.manual_seed(0)
+    cfg = get_preset("llama-tiny").config.replace(n_layer=1, d_model=32, n_head=2, n_kv_head=1,
+                                                   vocab_size=400, context=160)
+    return LoadedModel(build(cfg).eval(), tok, name="tiny", eos_ids=(tok.token_to_id("<|im_end|>"),))

@@ -11,23 +11,14 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
 from septet.api import LoadedModel
-from septet.config import get_preset
-from septet.models import build
 from septet.serve import SeptetServer
-from septet.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def lm(small_corpus) -> LoadedModel:
-    tok = Tokenizer.train_bpe([small_corpus.read_text()], 400,
-                              special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
-    torch.manual_seed(0)
-    cfg = get_preset("llama-tiny").config.replace(n_layer=1, d_model=32, n_head=2, n_kv_head=1,
-                                                   vocab_size=400, context=160)
-    return LoadedModel(build(cfg).eval(), tok, name="tiny", eos_ids=(tok.token_to_id("<|im_end|>"),))
+def lm(chat_lm) -> LoadedModel:
+    return chat_lm
 
 
 @pytest.fixture(scope="module")
