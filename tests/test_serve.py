@@ -215,3 +215,14 @@ def test_the_chat_page_script_is_valid_javascript(tmp_path):
     script.write_text(PAGE.split("<script>")[1].split("</script>")[0])
     r = subprocess.run([node, "--check", str(script)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_an_unasked_budget_fits_the_context(server, lm):
+    """Chat's default budget (256) is more than this model's context (160): without
+    max_tokens the answer may run to the context's end; a prompt that fills it is refused."""
+    status, body = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Speak"}]})
+    assert status == 200
+    usage = json.loads(body)["usage"]
+    assert usage["total_tokens"] <= 160
+    status, body = post(server, "/v1/completions", {"prompt": "Denmark " * 200})
+    assert status == 400 and "context of 160" in json.loads(body)["error"]["message"]

@@ -72,7 +72,9 @@ def _common(body: dict, lm: LoadedModel, ids: list[int], chat: bool, default_max
         raise RequestError(f"field 'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them")
     context = lm.model.config.context
     key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-    max_new = _int(body, key, default_max, 1, context)
+    max_new = _int(body, key, None, 1, context)
+    if max_new is None:  # not asked: the default, as far as the context allows
+        max_new = max(1, min(default_max, context - len(ids)))
     if len(ids) + max_new > context:
         raise RequestError(f"the prompt is {len(ids)} tokens and '{key}' {max_new}: more than the model's "
                            f"context of {context}; shorten the prompt or lower '{key}'")
