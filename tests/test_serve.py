@@ -194,7 +194,7 @@ def test_requests_decoded_together_get_what_each_gets_alone(lm):
     jobs[3].req.stop = (stop,)
     gone = Job(Request(lm._prompt_ids("Hamlet"), Sampling(max_new_tokens=12, temperature=0), (), False, False))
     gone.close()
-    batcher._generate(jobs + [gone])
+    batcher._serve(jobs + [gone])
     for job, p, n in zip(jobs[:3], prompts, budgets):
         assert "".join(job) == lm.generate(p, max_new_tokens=n, temperature=0), p
         assert job.finish_reason in ("length", "stop")
@@ -226,3 +226,48 @@ def test_an_unasked_budget_fits_the_context(server, lm):
     assert usage["total_tokens"] <= 160
     status, body = post(server, "/v1/completions", {"prompt": "Denmark " * 200})
     assert status == 400 and "context of 160" in json.loads(body)["error"]["message"]
+
+
+def test_a_request_arriving_mid_batch_joins_it_and_gets_what_it_gets_alone(lm):
+    from septet.generate import Sampling
+    from septet.serve.batcher import Batcher, Job
+    from septet.serve.openai import Request
+
+    def job(prompt: str, n: int) -> Job:
+        return Job(Request(lm._prompt_ids(prompt), Sampling(max_new_tokens=n, temperature=0), (), False, False))
+
+    batcher = Batcher(lm)  # its worker idles on the empty queue; the batch runs here
+    first = job("What is the king doing in the garden today", 6)
+    late = job("My lord", 20)  # shorter than the batch's history: joins, and needs more slots
+    too_long = job("O " * 40, 4)  # longer than the history when it arrives: waits for the next batch
+    batcher._waiting += [late, too_long]
+    batcher._serve([first])
+    assert batcher.stats["joined"] == 1 and batcher._waiting == [too_long]
+    assert "".join(first) == lm.generate("What is the king doing in the garden today", max_new_tokens=6,
+                                         temperature=0)
+    assert "".join(late) == lm.generate("My lord", max_new_tokens=20, temperature=0)
+
+
+def test_a_joined_row_computes_its_own_logits(lm):
+    """Logit-level check of a join (greedy text can hide a wrong rotary offset on a random
+    model): after joining, and after a decode step, the new row's logits are those of its
+    own sequence run alone without a cache."""
+    import torch
+
+    from septet.generate import Sampling
+    from septet.serve.batcher import Job, _Batch
+    from septet.serve.openai import Request
+
+    def job(ids: list[int], n: int) -> Job:
+        return Job(Request(ids, Sampling(max_new_tokens=n, temperature=0), (), False, False))
+
+    model = lm.model
+    with torch.inference_mode():
+        batch = _Batch(lm, [job(list(range(5, 30)), 4)], compile=False)
+        late = list(range(40, 47))
+        batch.join(job(late, 30))  # 7 tokens ending at slot 25; its budget grows the cache
+        torch.testing.assert_close(batch.logits[1], model(torch.tensor([late]))[0, -1], rtol=1e-4, atol=1e-4)
+        batch.advance([3, 99])
+        torch.testing.assert_close(batch.logits[1], model(torch.tensor([late + [99]]))[0, -1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(batch.logits[0], model(torch.tensor([list(range(5, 30)) + [3]]))[0, -1],
+                                   rtol=1e-4, atol=1e-4)

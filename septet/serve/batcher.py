@@ -1,12 +1,16 @@
-"""One worker thread owns the model and runs the requests that are waiting as one batch.
+"""One worker thread owns the model and decodes the requests in flight as one batch.
 
-Requests that arrive together (or while a batch runs) are decoded together: the fused step
-reads each weight once for up to 8 rows. Through the server on SmolLM2 (2 cores, greedy,
+Requests that arrive together are prefilled together; a request that arrives while a batch
+decodes joins it at the next step (its prompt is prefilled alone into the batch's current
+slots, left-padded so that it ends where the other rows are), unless its prompt is longer
+than the batch's history so far, in which case it starts the next batch. The fused step
+reads each weight once for up to 8 rows: through the server on SmolLM2 (2 cores, greedy,
 128 tokens each) one request ran at 84-89 tok/s, eight sent at once at 215-251 tok/s in all
-(benchmarks/serve_throughput.py; docs/serving.md). Each row keeps its own sampling (temperature, top-p,
-seed, repetition penalty), stop strings and token budget; a row that finishes, or whose
-client leaves, is dropped from the batch (`KVCache.reorder`), and the batch ends when its
-last row does. Batching is static: a request that arrives mid-batch waits for the next one.
+(benchmarks/serve_throughput.py; docs/serving.md). Each row keeps its own sampling
+(temperature, top-p, seed, repetition penalty), stop strings and token budget; a row that
+finishes, or whose client leaves, is dropped from the batch (`KVCache.reorder`), and the
+batch ends when its last row does. With `--compile` batches do not take new rows (each new
+shape would be a new graph).
 
 A batch of one computes exactly what `septet.generate.generate_ids` does (same prefill, same
 step, same sampling calls), so a lone request's answer equals `septet.generate`'s.
@@ -53,11 +57,100 @@ class Job:
         self.cancelled.set()
 
 
+class _Row:
+    """What one request needs besides the shared cache: its text stream and sampling state."""
+
+    def __init__(self, job: Job, lm: LoadedModel, device: torch.device):
+        s = job.req.sampling
+        self.job = job
+        self.stream = TextStream(lm.tokenizer, job.req.stop)
+        self.gen = None if s.seed is None else torch.Generator(device=device).manual_seed(s.seed)
+        self.seen = None
+        if s.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, lm.model.config.vocab_size, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(job.req.ids, device=device)] = True
+
+
+class _Batch:
+    """The rows decoding together: one KV cache whose slot `cache.pos` is written by every
+    row, each row left-padded by `pad` so its own positions start at 0."""
+
+    def __init__(self, lm: LoadedModel, jobs: list[Job], compile: bool):
+        model = lm.model
+        optimize_for_inference(model)
+        self.lm, self.compile = lm, compile
+        self.device = device = next(model.parameters()).device
+        B = len(jobs)
+        lengths = [len(j.req.ids) for j in jobs]
+        P = max(lengths)
+        S = cache_slots(model, P + max(j.req.sampling.max_new_tokens for j in jobs), compile)
+        self.pad = torch.tensor([P - n for n in lengths], device=device)  # (B,)
+        tokens = torch.zeros(B, P, dtype=torch.long, device=device)
+        for r, j in enumerate(jobs):
+            tokens[r, P - lengths[r]:] = torch.tensor(j.req.ids, device=device)
+        self.key_mask = torch.arange(S, device=device)[None, :] >= self.pad[:, None]  # (B, S)
+        positions = (torch.arange(P, device=device)[None, :] - self.pad[:, None]).clamp(min=0)  # (B, P)
+        self.rows = [_Row(j, lm, device) for j in jobs]
+        self.cache = model.new_cache(B, S)
+        # a batch of one runs generate_ids' own calls (no positions, no mask), so it is exact
+        self.logits = model(tokens, cache=self.cache, positions=positions if B > 1 else None,
+                            pad_mask=self.key_mask[:, :P] if self.any_pad() else None, last_only=True)[:, -1]
+        self.step = decode_step(model, compile, B, S)
+
+    def any_pad(self) -> bool:
+        return bool((self.pad > 0).any())
+
+    def keep(self, ks: list[int]) -> None:
+        if len(ks) < len(self.rows):
+            idx = torch.tensor(ks, device=self.device)
+            self.cache.reorder(idx)
+            self.key_mask, self.pad, self.logits = self.key_mask[idx], self.pad[idx], self.logits[idx]
+            self.rows = [self.rows[k] for k in ks]
+
+    def can_join(self, job: Job) -> bool:
+        return not self.compile and len(job.req.ids) <= self.cache.pos
+
+    @torch.inference_mode()
+    def join(self, job: Job) -> None:
+        """Prefill `job` alone into slots [pos - n, pos) of a one-row cache, then append it."""
+        model, cache, dev = self.lm.model, self.cache, self.device
+        n, p = len(job.req.ids), cache.pos
+        need = p + job.req.sampling.max_new_tokens
+        if need > cache.max_len:  # make room for its budget: more (empty) slots for every row
+            extra = need - cache.max_len
+            cache.k = [torch.cat((t, t.new_zeros(*t.shape[:2], extra, t.shape[3])), dim=2) for t in cache.k]
+            cache.v = [torch.cat((t, t.new_zeros(*t.shape[:2], extra, t.shape[3])), dim=2) for t in cache.v]
+            cache.max_len = need
+        S = cache.max_len
+        one = model.new_cache(1, S)
+        one.pos = p - n
+        mask = torch.arange(S, device=dev)[None, :] >= p - n  # (1, S)
+        logits = model(torch.tensor([job.req.ids], device=dev), cache=one,
+                       positions=torch.arange(n, device=dev)[None, :], pad_mask=mask[:, :p],
+                       last_only=True)[:, -1]  # (1, V)
+        cache.k = [torch.cat((a, b)) for a, b in zip(cache.k, one.k)]
+        cache.v = [torch.cat((a, b)) for a, b in zip(cache.v, one.v)]
+        self.key_mask = torch.cat((torch.arange(S, device=dev)[None, :] >= self.pad[:, None], mask))
+        self.pad = torch.cat((self.pad, torch.tensor([p - n], device=dev)))
+        self.logits = torch.cat((self.logits, logits))
+        self.rows.append(_Row(job, self.lm, dev))
+
+    @torch.inference_mode()
+    def advance(self, tokens: list[int]) -> None:
+        """One decoding step for every row: tokens[k] is row k's newest token."""
+        pos = (self.cache.pos - self.pad)[:, None]  # (B, 1) each row's own position
+        # the compiled step's default mask has the batch's first size: pass it once rows go
+        mask = self.key_mask if self.any_pad() or self.compile else None
+        self.logits = self.step(torch.tensor(tokens, device=self.device)[:, None], pos, mask, self.cache)
+
+
 class Batcher:
     def __init__(self, lm: LoadedModel, max_batch: int = 8, window: float = 0.01):
         self.lm, self.max_batch, self.window = lm, max_batch, window
-        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}  # shown by GET /health
+        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "joined": 0}  # GET /health
         self._queue: queue.Queue[Job] = queue.Queue()
+        self._waiting: list[Job] = []  # taken from the queue, but could not join the running batch
+        self._deadline = 0.0
         threading.Thread(target=self._run, name="septet-batcher", daemon=True).start()
 
     def submit(self, req: Request) -> Job:
@@ -65,81 +158,77 @@ class Batcher:
         self._queue.put(job)
         return job
 
+    def _take(self, block: bool) -> Job | None:
+        if self._waiting:
+            return self._waiting.pop(0)
+        try:
+            return self._queue.get(timeout=max(0.0, self._deadline - time.monotonic())) if block \
+                else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
     def _run(self) -> None:
         while True:
-            jobs = [self._queue.get()]
+            jobs = [self._waiting.pop(0) if self._waiting else self._queue.get()]
             # requests sent together reach the queue a few ms apart: wait that long for them
-            deadline = time.monotonic() + self.window
+            self._deadline = time.monotonic() + self.window
             while len(jobs) < self.max_batch:
-                try:
-                    jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
+                job = self._take(block=True)
+                if job is None:
                     break
+                jobs.append(job)
             self.stats["requests"] += len(jobs)
             self.stats["batches"] += 1
             self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
+            self._serve(jobs)
+
+    def _serve(self, jobs: list[Job]) -> None:
+        batch = None
+        try:
+            batch = _Batch(self.lm, jobs, compile=jobs[0].req.sampling.compile)
+            self._generate(batch)
+        except BaseException as e:  # a bug: every open request hears of it; the worker lives on
+            joined = [r.job for r in batch.rows if r.job not in jobs] if batch is not None else []
+            for job in jobs + joined:  # (a finished one has ended its stream: it never reads this)
+                job._out.put(e)
+
+    def _admit(self, batch: _Batch) -> None:
+        """Let waiting requests join the running batch, while there is room."""
+        while len(batch.rows) < self.max_batch:
+            job = self._take(block=False)
+            if job is None:
+                return
+            if not batch.can_join(job):
+                self._waiting.append(job)
+                return
             try:
-                self._generate(jobs)
-            except BaseException as e:  # a bug: every open request hears of it; the worker lives on
-                for job in jobs:
-                    job._out.put(e)
+                batch.join(job)
+            except Exception as e:  # only this request fails; the batch goes on
+                job._out.put(e)
+                continue
+            self.stats["requests"] += 1
+            self.stats["joined"] += 1
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch.rows))
 
     @torch.inference_mode()
-    def _generate(self, jobs: list[Job]) -> None:
-        lm = self.lm
-        model, tok = lm.model, lm.tokenizer
-        optimize_for_inference(model)
-        stop_ids = lm._stop_ids()
-        device = next(model.parameters()).device
-        B = len(jobs)
-        lengths = [len(j.req.ids) for j in jobs]
-        P = max(lengths)
-        compile = jobs[0].req.sampling.compile  # the server's setting: the same for every request
-        S = cache_slots(model, P + max(j.req.sampling.max_new_tokens for j in jobs), compile)
-        pad = torch.tensor([P - n for n in lengths], device=device)  # (B,) left padding
-        tokens = torch.zeros(B, P, dtype=torch.long, device=device)
-        for r, j in enumerate(jobs):
-            tokens[r, P - lengths[r]:] = torch.tensor(j.req.ids, device=device)
-        key_mask = torch.arange(S, device=device)[None, :] >= pad[:, None]  # (B, S)
-        positions = (torch.arange(P, device=device)[None, :] - pad[:, None]).clamp(min=0)  # (B, P)
-        gens = [None if j.req.sampling.seed is None else
-                torch.Generator(device=device).manual_seed(j.req.sampling.seed) for j in jobs]
-        seen = []
-        for j in jobs:
-            s = None
-            if j.req.sampling.repetition_penalty != 1.0:
-                s = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
-                s[0, torch.tensor(j.req.ids, device=device)] = True
-            seen.append(s)
-        streams = [TextStream(tok, j.req.stop) for j in jobs]
-        cache = model.new_cache(B, S)
-        any_pad = bool((pad > 0).any())
-        logits = model(tokens, cache=cache, positions=positions if B > 1 else None,
-                       pad_mask=key_mask[:, :P] if any_pad else None, last_only=True)[:, -1]  # (B, V)
-        step = decode_step(model, compile, B, S)
-        live = list(range(B))  # the rows still in the batch, as indices into jobs
+    def _generate(self, batch: _Batch) -> None:
+        stop_ids = self.lm._stop_ids()
+        context = self.lm.model.config.context
         while True:
+            self._admit(batch)
             keep, nxt = [], []
-            for k, r in enumerate(live):
-                job, s = jobs[r], jobs[r].req.sampling
-                t = int(sample_next(logits[k:k + 1], s, gens[r], seen[r]))
-                if self._emit(job, streams[r], t, stop_ids, model.config.context):
+            for k, row in enumerate(batch.rows):
+                s = row.job.req.sampling
+                t = int(sample_next(batch.logits[k:k + 1], s, row.gen, row.seen))
+                if self._emit(row.job, row.stream, t, stop_ids, context):
                     keep.append(k)
                     nxt.append(t)
-                    if seen[r] is not None:
-                        seen[r][0, t] = True
+                    if row.seen is not None:
+                        row.seen[0, t] = True
             if not keep:
                 return
-            if len(keep) < len(live):  # drop the finished rows from the batch
-                rows = torch.tensor(keep, device=device)
-                cache.reorder(rows)
-                key_mask, pad = key_mask[rows], pad[rows]
-                live = [live[k] for k in keep]
-                any_pad = bool((pad > 0).any())
-            pos = (cache.pos - pad)[:, None]  # (B', 1) each row's own position
-            # (the compiled step's default mask has the batch's first size: pass it once rows go)
-            mask = key_mask if any_pad or compile else None
-            logits = step(torch.tensor(nxt, device=device)[:, None], pos, mask, cache)
+            batch.keep(keep)
+            batch.advance(nxt)
 
     @staticmethod
     def _emit(job: Job, ts: TextStream, t: int, stop_ids: set[int], context: int) -> bool:

@@ -6,11 +6,11 @@
     POST /v1/completions        prompt -> text (stream: server-sent events)
     POST /v1/chat/completions   messages -> the assistant's message (stream: events)
 
-One model, owned by one worker thread that decodes the waiting requests as one batch
-(septet.serve.batcher: up to --max-batch rows, each with its own sampling and stops).
-A bad request gets HTTP 400
-with {"error": {"message", "type", "param"}}; a body over 1 MB gets 413; a client that
-disconnects mid-stream stops its generation.
+One model, owned by one worker thread that decodes the requests in flight as one batch
+(septet.serve.batcher: up to --max-batch rows, each with its own sampling and stops; late
+requests join the running batch). A bad request gets HTTP 400 with {"error": {"message",
+"type", "param"}}; a body over 1 MB gets 413; a client that disconnects mid-stream leaves
+the batch.
 """
 
 from __future__ import annotations
