@@ -5,8 +5,8 @@ decodes joins it at the next step (its prompt is prefilled alone into the batch'
 slots, left-padded so that it ends where the other rows are), unless its prompt is longer
 than the batch's history so far, in which case it starts the next batch. The fused step
 reads each weight once for up to 8 rows: through the server on SmolLM2 (2 cores, greedy,
-128 tokens each) one request ran at 84-89 tok/s, eight sent at once at 215-251 tok/s in all
-(benchmarks/serve_throughput.py; docs/serving.md). Each row keeps its own sampling
+128 tokens each) eight requests sent at once ran at 2.25-2.99x the tokens/s of one in six
+rounds (benchmarks/serve_throughput.py; docs/serving.md). Each row keeps its own sampling
 (temperature, top-p, seed, repetition penalty), stop strings and token budget; a row that
 finishes, or whose client leaves, is dropped from the batch (`KVCache.reorder`), and the
 batch ends when its last row does. With `--compile` batches do not take new rows (each new
