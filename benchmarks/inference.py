@@ -26,8 +26,8 @@ checks they equal llama.cpp's):
   EOS disabled), counting only the steps after the first token; b8 is the total over 8 rows;
 - peak RSS of the process, and septet's in-memory weight bytes (the RSS target is 1.5x that).
 Timings are the fastest of --reps repeats after one warm-up (all kept in the JSON's raw_s).
-septet reports which decode step ran (`decode_path`: the fused one-call step, the compiled
-static step, or the model's forward).
+septet reports which decode step ran (`decode_path`, from `septet.generate.decode_path`:
+fused, compiled, or eager = the model's forward).
 """
 
 from __future__ import annotations
@@ -184,12 +184,7 @@ def _septet_child(spec: dict) -> dict:
                 toks.append(int(nxt[0]))
             return time.perf_counter() - t, toks
 
-    from septet.fused_decode import why_not_fused
-
-    if sampling_extra.get("compile"):
-        decode_path = "torch.compile static step"
-    else:
-        decode_path = "fused (septet::llama_decode)" if why_not_fused(model) is None else "eager forward"
+    decode_path = gen.decode_path(model, bool(sampling_extra.get("compile")), model.config.context)
     reps, n = spec["reps"], spec["new_tokens"]
     pre, pre_all = best_time(prefill, reps)
     d1, d1_all = best_time(lambda: decode(spec["prompts"][:1], n)[0], reps)

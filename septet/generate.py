@@ -140,6 +140,13 @@ def optimize_for_inference(model: DecoderLM) -> DecoderLM:
     return model
 
 
+def decode_path(model: DecoderLM, compile: bool, max_len: int) -> str:
+    """Which step `decode_step` gives: "compiled", "fused" or "eager" (the model's forward)."""
+    if compile:
+        return "compiled" if supports_static_decode(model, max_len) else "eager"
+    return "fused" if why_not_fused(model) is None else "eager"
+
+
 def decode_step(model: DecoderLM, compile: bool, batch: int, max_len: int):
     """The one-token step as step(tokens (B, 1), positions (B, 1), key_mask (B, S) or None,
     cache) -> logits (B, V).
@@ -147,10 +154,10 @@ def decode_step(model: DecoderLM, compile: bool, batch: int, max_len: int):
     Compiled, it is septet.decode's static-shape step (one graph for every step) where that
     is exact for the model. Uncompiled, it is septet.fused_decode's one-call step where the
     model is a LLaMA stack on septet's block-weight kernels, else the model's own forward."""
-    if not compile and why_not_fused(model) is None:
-        fused = FusedDecoder(model)
-        return fused.step
-    if compile and supports_static_decode(model, max_len):
+    path = decode_path(model, compile, max_len)
+    if path == "fused":
+        return FusedDecoder(model).step
+    if path == "compiled":
         dec = static_decoder(model)
 
         def step(tokens, positions, key_mask, cache):
@@ -179,6 +186,35 @@ def cache_slots(model: DecoderLM, n: int, compile: bool) -> int:
     while bucket < n:
         bucket *= 2
     return max(n, min(model.config.context, bucket))
+
+
+def left_pad(prompts: Sequence[Sequence[int]], device: torch.device | str,
+             pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one batch: tokens (B, P) padded on the left with
+    `pad_id`, and each row's padding (B,). A row's own position at slot j is j - pad."""
+    P = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), P), pad_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
+    return tokens, torch.tensor([P - len(p) for p in prompts], device=device)
+
+
+def row_positions(model: DecoderLM, pad: torch.Tensor, start: int, T: int) -> torch.Tensor:
+    """Positions of slots [start, start + T) for left-padded rows (`pad` (B,)): each row's own,
+    (B, T); relative-bias models (T5 buckets see only key − query offsets) take the slot
+    indices themselves, (T,)."""
+    slots = torch.arange(start, start + T, device=pad.device)
+    if getattr(model, "rel_bias", None) is not None:
+        return slots
+    return (slots[None, :] - pad[:, None]).clamp(min=0)
+
+
+def seen_tokens(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device | str) -> torch.Tensor:
+    """(B, V) bool: the ids each prompt holds, where the repetition penalty starts."""
+    seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        seen[i, torch.tensor(list(p), dtype=torch.long, device=device)] = True
+    return seen
 
 
 def check_prompt(model: DecoderLM, n: int) -> None:
@@ -212,10 +248,7 @@ def generate_ids(model: DecoderLM, prompt: list[int], s: Sampling,
     generator = _generator(s, device)
     cache = model.new_cache(1, cache_slots(model, len(prompt) + n_new, s.compile))
     tokens = torch.tensor([prompt], device=device)
-    seen = None
-    if s.repetition_penalty != 1.0:
-        seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
-        seen[0, tokens[0]] = True
+    seen = seen_tokens([prompt], model.config.vocab_size, device) if s.repetition_penalty != 1.0 else None
     logits = model(tokens, cache=cache, last_only=True)[:, -1]  # (1, V)
     step = decode_step(model, s.compile, 1, cache.max_len)
     for i in range(n_new):
@@ -252,25 +285,13 @@ def generate_batch(model: DecoderLM, prompts: Sequence[Sequence[int]], s: Sampli
     device = next(model.parameters()).device
     generator = _generator(s, device)
     S = cache_slots(model, P + n_new, s.compile)
-    pad = torch.tensor([P - n for n in lengths], device=device)  # (B,)
-    tokens = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
+    tokens, pad = left_pad(prompts, device, pad_id)  # (B, P), (B,)
     slots = torch.arange(S, device=device)
     key_mask = slots[None, :] >= pad[:, None]  # (B, S): False on each row's padding
     any_pad = bool((pad > 0).any())
-    # relative-bias models (T5 buckets) see only key − query offsets: slot indices serve;
-    # absolute/rotary ones get each row's own positions
-    relative = getattr(model, "rel_bias", None) is not None
-    if relative:
-        positions = slots[:P]
-    else:
-        positions = (slots[None, :P] - pad[:, None]).clamp(min=0)  # (B, P)
-    seen = None
-    if s.repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-        for i, p in enumerate(prompts):  # only the real prompt ids count, not the padding
-            seen[i, torch.tensor(list(p), dtype=torch.long, device=device)] = True
+    positions = row_positions(model, pad, 0, P)  # (B, P), or (P,) slots for relative bias
+    # only the real prompt ids count, not the padding
+    seen = seen_tokens(prompts, model.config.vocab_size, device) if s.repetition_penalty != 1.0 else None
     cache = model.new_cache(B, S)
     mask = key_mask[:, :P] if any_pad else None
     logits = model(tokens, cache=cache, positions=positions, pad_mask=mask, last_only=True)[:, -1]
@@ -290,7 +311,7 @@ def generate_batch(model: DecoderLM, prompts: Sequence[Sequence[int]], s: Sampli
             break
         if seen is not None:
             seen[torch.arange(B, device=device), nxt] = True
-        pos = slots[P + i:P + i + 1] if relative else (slots[P + i] - pad)[:, None]
+        pos = row_positions(model, pad, P + i, 1)
         logits = step(nxt[:, None], pos, key_mask if any_pad else None, cache)
     if return_logits:
         return outs, [torch.stack(r) if r else torch.empty(0) for r in rows_logits]

@@ -271,3 +271,34 @@ def test_a_joined_row_computes_its_own_logits(lm):
         torch.testing.assert_close(batch.logits[1], model(torch.tensor([late + [99]]))[0, -1], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(batch.logits[0], model(torch.tensor([list(range(5, 30)) + [3]]))[0, -1],
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_a_relative_bias_model_is_batched_by_slot_offsets(lm):
+    """LaMDA's T5 bias sees key − query offsets, so its batched rows take slot indices as
+    positions (septet.generate.row_positions), as generate_batch does: rows of different
+    lengths, and one joining mid-batch, get the logits of their sequences run alone."""
+    import torch
+
+    from septet.config import get_preset
+    from septet.generate import Sampling
+    from septet.models import build
+    from septet.serve.batcher import Job, _Batch
+    from septet.serve.openai import Request
+
+    torch.manual_seed(0)
+    cfg = get_preset("lamda-tiny").config.replace(n_layer=2, d_model=32, n_head=2, vocab_size=400, context=160)
+    lamda = LoadedModel(build(cfg).eval(), lm.tokenizer, name="lamda")
+    with torch.no_grad():  # a bias large enough that a wrong offset shows in the logits
+        lamda.model.rel_bias.weight.normal_(0, 2.0)
+
+    def job(ids):
+        return Job(Request(ids, Sampling(max_new_tokens=4, temperature=0), (), False, False))
+
+    a, b, c = list(range(5, 25)), list(range(30, 36)), list(range(50, 58))
+    model = lamda.model
+    with torch.inference_mode():
+        batch = _Batch(lamda, [job(a), job(b)], compile=False)
+        batch.join(job(c))
+        batch.advance([1, 2, 3])
+        for row, ids in zip(batch.logits, (a + [1], b + [2], c + [3])):
+            torch.testing.assert_close(row, model(torch.tensor([ids]))[0, -1], rtol=1e-4, atol=1e-4)

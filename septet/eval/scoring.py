@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..beam import beam_search, gnmt_penalty
-from ..generate import cache_slots, decode_step
+from ..generate import cache_slots, decode_step, left_pad, row_positions
 from ..errors import InputError
 from ..models.base import DecoderLM
 
@@ -73,8 +73,6 @@ class Scorer:
         self.vocab = model.config.vocab_size
         p = next(model.parameters())
         self.device = p.device
-        # T5-bias models (LaMDA) see only key − query offsets, so slot indices serve as positions
-        self.relative = getattr(model, "rel_bias", None) is not None
 
     @classmethod
     def from_loaded(cls, lm, *, batch_size: int = 32, compile: bool = False) -> "Scorer":
@@ -168,11 +166,11 @@ class Scorer:
         dev = self.device
         ctxs = [list(c) for c, _ in batch]
         G, P = len(ctxs), max(len(c) for c in ctxs)
-        tokens, pad = self._left_pad(ctxs)  # (G, P), (G,)
+        tokens, pad = left_pad(ctxs, self.device)  # (G, P), (G,)
         cache = self.model.new_cache(G, P)
         key_mask = torch.arange(P, device=dev)[None, :] >= pad[:, None]  # (G, P) False on padding
         any_pad = bool((pad > 0).any())
-        last = self.model(tokens, cache=cache, positions=self._positions(pad, 0, P),
+        last = self.model(tokens, cache=cache, positions=row_positions(self.model, pad, 0, P),
                           pad_mask=key_mask if any_pad else None, last_only=True)[:, -1]  # (G, V)
         row_group = [g for g, (_, idx) in enumerate(batch) for _ in idx]
         rows = [i for _, idx in batch for i in idx]
@@ -216,7 +214,7 @@ class Scorer:
         mask = None
         if key_mask is not None:
             mask = torch.cat([key_mask[sel], torch.ones(R, L, dtype=torch.bool, device=dev)], 1)
-        logits = self.model(inp, cache=big, positions=self._positions(pad[sel], P, L),
+        logits = self.model(inp, cache=big, positions=row_positions(self.model, pad[sel], P, L),
                             pad_mask=mask)  # (R, L, V)
         lp, greedy = self._token_logprobs(logits, tgt)  # (R, L) each
         sums = (lp * valid).sum(-1)
@@ -229,21 +227,6 @@ class Scorer:
         logits = logits.float()
         lp = logits.gather(-1, tgt[..., None])[..., 0] - logits.logsumexp(-1)
         return lp, logits.argmax(-1) == tgt
-
-    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        P = max(len(r) for r in rows)
-        tokens = torch.zeros(len(rows), P, dtype=torch.long, device=self.device)
-        for i, r in enumerate(rows):
-            tokens[i, P - len(r):] = torch.tensor(r, dtype=torch.long)
-        pad = torch.tensor([P - len(r) for r in rows], device=self.device)
-        return tokens, pad
-
-    def _positions(self, pad: torch.Tensor, start: int, T: int) -> torch.Tensor:
-        """Positions of slots [start, start+T) for left-padded rows: (B, T), or (T,) slots."""
-        slots = torch.arange(start, start + T, device=self.device)
-        if self.relative:
-            return slots
-        return (slots[None, :] - pad[:, None]).clamp(min=0)
 
     # ------------------------------------------------------------------ perplexity
     def rolling_loglikelihood(self, text: str, *, stride: int | None = None) -> LogLik:
@@ -301,13 +284,13 @@ class Scorer:
             raise InputError(f"prompt of {P} tokens leaves no room in the model's context of "
                              f"{self.context}; use fewer shots")
         n_new = min(max_new_tokens, self.context - P)
-        tokens, pad = self._left_pad(prompts)
+        tokens, pad = left_pad(prompts, self.device)
         S = cache_slots(self.model, P + n_new, self.compile)
         cache = self.model.new_cache(B, S)
         key_mask = torch.arange(S, device=dev)[None, :] >= pad[:, None]  # (B, S)
         decode = decode_step(self.model, self.compile, B, S)
         any_pad = bool((pad > 0).any())
-        logits = self.model(tokens, cache=cache, positions=self._positions(pad, 0, P),
+        logits = self.model(tokens, cache=cache, positions=row_positions(self.model, pad, 0, P),
                             pad_mask=key_mask[:, :P] if any_pad else None, last_only=True)[:, -1]
         new: list[list[int]] = [[] for _ in range(B)]
         texts = [""] * B
@@ -329,7 +312,7 @@ class Scorer:
                     finished[r] = True
             if all(finished) or step == n_new - 1:
                 break
-            logits = decode(nxt[:, None], self._positions(pad, P + step, 1),
+            logits = decode(nxt[:, None], row_positions(self.model, pad, P + step, 1),
                             key_mask if any_pad else None, cache)
         return texts
 

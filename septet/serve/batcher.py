@@ -26,7 +26,8 @@ from typing import Iterator
 import torch
 
 from ..api import LoadedModel
-from ..generate import TextStream, cache_slots, decode_step, optimize_for_inference, sample_next
+from ..generate import (TextStream, cache_slots, decode_step, left_pad, optimize_for_inference, row_positions,
+                        sample_next, seen_tokens)
 from .openai import Request
 
 _END = object()
@@ -65,10 +66,8 @@ class _Row:
         self.job = job
         self.stream = TextStream(lm.tokenizer, job.req.stop)
         self.gen = None if s.seed is None else torch.Generator(device=device).manual_seed(s.seed)
-        self.seen = None
-        if s.repetition_penalty != 1.0:
-            self.seen = torch.zeros(1, lm.model.config.vocab_size, dtype=torch.bool, device=device)
-            self.seen[0, torch.tensor(job.req.ids, device=device)] = True
+        self.seen = seen_tokens([job.req.ids], lm.model.config.vocab_size, device) \
+            if s.repetition_penalty != 1.0 else None
 
 
 class _Batch:
@@ -80,16 +79,11 @@ class _Batch:
         optimize_for_inference(model)
         self.lm, self.compile = lm, compile
         self.device = device = next(model.parameters()).device
-        B = len(jobs)
-        lengths = [len(j.req.ids) for j in jobs]
-        P = max(lengths)
+        tokens, self.pad = left_pad([j.req.ids for j in jobs], device)  # (B, P), (B,)
+        B, P = tokens.shape
         S = cache_slots(model, P + max(j.req.sampling.max_new_tokens for j in jobs), compile)
-        self.pad = torch.tensor([P - n for n in lengths], device=device)  # (B,)
-        tokens = torch.zeros(B, P, dtype=torch.long, device=device)
-        for r, j in enumerate(jobs):
-            tokens[r, P - lengths[r]:] = torch.tensor(j.req.ids, device=device)
         self.key_mask = torch.arange(S, device=device)[None, :] >= self.pad[:, None]  # (B, S)
-        positions = (torch.arange(P, device=device)[None, :] - self.pad[:, None]).clamp(min=0)  # (B, P)
+        positions = row_positions(model, self.pad, 0, P)  # (B, P), or (P,) slots for relative bias
         self.rows = [_Row(j, lm, device) for j in jobs]
         self.cache = model.new_cache(B, S)
         # a batch of one runs generate_ids' own calls (no positions, no mask), so it is exact
@@ -126,8 +120,8 @@ class _Batch:
         one.pos = p - n
         mask = torch.arange(S, device=dev)[None, :] >= p - n  # (1, S)
         logits = model(torch.tensor([job.req.ids], device=dev), cache=one,
-                       positions=torch.arange(n, device=dev)[None, :], pad_mask=mask[:, :p],
-                       last_only=True)[:, -1]  # (1, V)
+                       positions=row_positions(model, torch.tensor([p - n], device=dev), p - n, n),
+                       pad_mask=mask[:, :p], last_only=True)[:, -1]  # (1, V)
         cache.k = [torch.cat((a, b)) for a, b in zip(cache.k, one.k)]
         cache.v = [torch.cat((a, b)) for a, b in zip(cache.v, one.v)]
         self.key_mask = torch.cat((torch.arange(S, device=dev)[None, :] >= self.pad[:, None], mask))
@@ -138,7 +132,7 @@ class _Batch:
     @torch.inference_mode()
     def advance(self, tokens: list[int]) -> None:
         """One decoding step for every row: tokens[k] is row k's newest token."""
-        pos = (self.cache.pos - self.pad)[:, None]  # (B, 1) each row's own position
+        pos = row_positions(self.lm.model, self.pad, self.cache.pos, 1)  # (B, 1) each row's own
         # the compiled step's default mask has the batch's first size: pass it once rows go
         mask = self.key_mask if self.any_pad() or self.compile else None
         self.logits = self.step(torch.tensor(tokens, device=self.device)[:, None], pos, mask, self.cache)
