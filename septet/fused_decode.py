@@ -2,8 +2,9 @@
 
 At batch 1 a SmolLM2-135M eager step makes ~4,300 aten calls (~140 a layer: norms, rotary,
 cache writes, views, casts, SwiGLU around the matmuls and attention); outside the matmul and
-attention kernels they took 15-38% of the step in two torch profiles. torch.compile removes part of it, after a 15-50 s compile that a chat user
-waits through. `septet::llama_decode` (septet/kernels/step.c) runs all layers in one call on
+attention kernels they took 15-38% of the step in two torch profiles. torch.compile removes
+part of it, after a 14-53 s compile (warm / cold inductor cache) that a chat user waits
+through. `septet::llama_decode` (septet/kernels/step.c) runs all layers in one call on
 the same block-weight matmul and attention kernels: the embedding, final norm and head stay
 the model's own modules.
 

@@ -103,9 +103,10 @@ static int quantize_x(const float *x, int M, int K, int q4_order, qx_t *qx)
 
 /* Ask for weight row n + PREFETCH_ROWS (its blocks and scales) while row n is computed.
  * Decoding streams ~100 MB of weights per token from memory; the hardware prefetcher alone
- * left the 2-core VM's memory idle between rows: this made a SmolLM2 token's matmuls ~20%
- * faster (measured A/B over 12 interleaved rounds). Prefetches never fault, but only rows
- * of this call's range are asked for. */
+ * left the 2-core VM's memory idle between rows: without this a SmolLM2 token's matmuls
+ * take 1.23-1.27x as long with fp32 activations, 1.10-1.15x with int8 ones
+ * (benchmarks/kernel_ab.py). Prefetches never fault, but only rows of this matrix are
+ * asked for. */
 #ifndef PREFETCH_ROWS /* benchmarks/kernel_ab.py builds with -DPREFETCH_ROWS=0 to compare */
 #define PREFETCH_ROWS 4
 #endif
