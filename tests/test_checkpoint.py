@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-import septet.train.checkpoint as ck
+import septet.checkpoints.native as ck
 from septet.errors import CheckpointError
-from septet.train.checkpoint import (
+from septet.checkpoints.native import (
     capture_rng, checkpoint_dir, flatten_optimizer_state, latest_checkpoint, load_checkpoint,
     prune_checkpoints, restore_rng, save_checkpoint, unflatten_optimizer_state,
 )

@@ -18,9 +18,9 @@ from septet.models.clip import (CLIP, CLIPConfig, TextConfig, TextEncoder, capti
                                 encode_texts, load_clip)
 from septet.models.vision import ViTConfig
 from septet.tokenizer import Tokenizer
-from septet.train.checkpoint import load_checkpoint
+from septet.checkpoints.native import load_checkpoint
 from septet.train.metrics import read_metrics
-from septet.vlm.clip_train import CLIPTrainConfig, train_clip
+from septet.vlm.clip_train import CLIPTrainConfig, CLIPTrainer, train_clip
 
 
 def test_caption_tokenizer_word_level(tmp_path):
@@ -125,8 +125,38 @@ def test_clip_resume_is_bit_exact(tmp_path, one_thread):
         train_clip(_tiny(resumed, resume=True, **dict(tiny, vit_dim=32)))
 
 
+def test_clip_killed_after_a_checkpoint_resumes_to_the_same_losses(tmp_path, one_thread, monkeypatch):
+    """Stopped after step 4 (the newest checkpoint is step 3), resumed to step 6 through
+    septet.train.run: the losses equal the uninterrupted run's, none logged twice."""
+    tiny = dict(steps=6, batch_size=16, vit_layers=1, vit_dim=16, vit_heads=2, text_dim=16, embed_dim=16,
+                train_images=64, eval_images=48, eval_every=3, ckpt_every=3, keep_checkpoints=1)
+    train_clip(_tiny(tmp_path / "straight", **tiny))
+    original = CLIPTrainer.train_step
+
+    def killed_after_step_4(self):
+        if self.loop.step == 4:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(CLIPTrainer, "train_step", killed_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_clip(_tiny(tmp_path / "resumed", **tiny))
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("step-*")) == ["step-00000003"]
+    summary = train_clip(_tiny(tmp_path / "resumed", resume=True, **tiny))
+    assert summary["steps"] == 6 and summary["checkpoint"].endswith("step-00000006")
+
+    def losses(out):
+        return {r["step"]: (r["loss"], r["temperature"]) for r in read_metrics(out / "metrics.jsonl")}
+
+    resumed = losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 7))
+    assert resumed == losses(tmp_path / "straight")
+    assert (tmp_path / "resumed" / "loss.png").is_file()
+
+
 def test_load_clip_rejects_other_checkpoints(tmp_path):
-    from septet.train.checkpoint import save_checkpoint
+    from septet.checkpoints.native import save_checkpoint
 
     save_checkpoint(tmp_path / "lm", model_state={"w": torch.zeros(1)}, config={"family": "llama"},
                     tokenizer_json=None)

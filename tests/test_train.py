@@ -87,7 +87,7 @@ def test_spike_guard_rewinds_and_skips(tmp_path, small_corpus, monkeypatch):
 
 
 def test_spike_without_checkpoint_stops_clearly(tmp_path, small_corpus, monkeypatch):
-    from septet.train.loop import TrainingDiverged
+    from septet.train.run import TrainingDiverged
 
     monkeypatch.setattr(Trainer, "train_step", lambda self: {"spike": float("nan")})
     with pytest.raises(TrainingDiverged, match="lower --lr"):

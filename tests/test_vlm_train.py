@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import septet
-from septet.train.checkpoint import latest_checkpoint, load_checkpoint
+from septet.checkpoints.native import latest_checkpoint, load_checkpoint
 from septet.train.metrics import read_metrics
 from septet.vlm import data as D
 from septet.vlm.evaluate import EvalConfig, baselines, evaluate_vlm
 from septet.vlm.infer import load_vlm
-from septet.vlm.train import train_vlm
+from septet.vlm.train import BridgeTrainer, train_vlm
 
 from vlm_fixtures import synthetic_vqa, tiny_lm_dir, tiny_train_config
 
@@ -149,6 +149,43 @@ def test_blip2_runs_stage1_then_stage2(tmp_path, data, lm_dir):
     assert any(k.startswith("stage1.qformer.") for k in ckpt.model_state)
     assert any(k.startswith("proj.") for k in ckpt.model_state)
     assert not any(".lm." in k or k.startswith("lm.") for k in ckpt.model_state)
+
+
+@pytest.mark.parametrize("arch", ["flamingo", "blip2"])
+def test_bridge_trainer_killed_after_a_checkpoint_resumes_to_the_same_losses(tmp_path, data, lm_dir, arch,
+                                                                             monkeypatch):
+    """Killed in step 4 (the newest checkpoint is step 2; BLIP-2 then starts stage 2), then
+    resumed through septet.train.run: every logged row equals the uninterrupted run's."""
+    def config(out, **kw):
+        return tiny_train_config(arch, lm_dir, out, steps=4, stage1_steps=2, eval_every=3, ckpt_every=2, **kw)
+
+    run(config(tmp_path / "straight"), data, lm_dir)
+    original = BridgeTrainer.train_step
+
+    def killed_in_step_4(self):
+        if self.loop.step == 3:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(BridgeTrainer, "train_step", killed_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(tmp_path / "resumed"), data, lm_dir)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-00000002"
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3]
+    summary = run(config(tmp_path / "resumed", resume=True), data, lm_dir)
+    total = 4 + (2 if arch == "blip2" else 0)
+    assert summary["steps"] == total
+
+    def rows(out):
+        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in read_metrics(out / "metrics.jsonl")]
+
+    straight, resumed = rows(tmp_path / "straight"), rows(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == list(range(1, total + 1))
+    assert resumed == straight  # losses, lr, grad norms and val_acc: equal floats
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "resumed"), with_training_state=True)
+    assert ckpt.train_state["data"] == {"position": total}
+    assert ckpt.train_state["train_config"]["arch"] == arch
 
 
 def test_resume_with_another_bridge_config_is_refused(tmp_path, data, lm_dir):

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-from ..config import config_from_dict
+from ..models import build_on_meta, config_from_dict
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_write_text
 from ..tokenizer import Tokenizer
@@ -58,37 +57,8 @@ def detect_format(path: str | os.PathLike) -> str:
 TensorSink = Callable[[Any], Callable[[str, torch.Tensor], None]]
 
 # in-place initialisers (nn.init's and Tensor's): on a meta tensor they change nothing
-_INIT_FUNCS = frozenset({
-    "normal_", "uniform_", "trunc_normal_", "zero_", "zeros_", "ones_", "fill_", "constant_",
-    "random_", "exponential_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
-    "xavier_normal_", "orthogonal_", "eye_", "dirac_", "sparse_",
-})
-
-
-class _SkipMetaInit(TorchFunctionMode):
-    """Turns random initialisation of meta tensors into a no-op. Meta tensors have no
-    values, yet torch runs `normal_` on them through its Python reference implementation,
-    whose first call imports torch._dynamo: ~1.3-2 s and ~75 MB of RSS on a model load."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", "") in _INIT_FUNCS:
-            t = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
-            if isinstance(t, torch.Tensor) and t.is_meta:
-                return t
-        return func(*args, **kwargs)
-
-
-def build_on_meta(config) -> torch.nn.Module:
-    """`models.build(config)` on the meta device (shapes only), skipping the random init."""
-    from ..models import build
-
-    with torch.device("meta"), _SkipMetaInit():
-        return build(config)
-
-
 def load_septet(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Loaded:
-    from ..train.checkpoint import load_checkpoint
+    from .native import load_checkpoint
 
     ck = load_checkpoint(path)
     try:
@@ -174,7 +144,7 @@ def export(src: str | os.PathLike | Loaded, to: str, out: str | os.PathLike, *,
         from .export_hf import save_hf
 
         return save_hf(state, loaded.config, out, tokenizer=loaded.tokenizer, chat_template=loaded.chat_template)
-    from ..train.checkpoint import save_checkpoint
+    from .native import save_checkpoint
 
     save_checkpoint(out, model_state=state, config=loaded.config.to_dict(),
                     tokenizer_json=loaded.tokenizer.to_json_str() if loaded.tokenizer is not None else None)
@@ -191,5 +161,5 @@ def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _TORCH_DTYPES[dtype]
 
 
-__all__ = ["load_any", "export", "detect_format", "load_septet", "build_on_meta", "TensorSink",
+__all__ = ["load_any", "export", "detect_format", "load_septet", "TensorSink",
            "ACCEPTED", "TARGETS"]

@@ -113,7 +113,7 @@ def train_model(out: Path, *, steps: int, batch_size: int = 32, seq_len: int = 6
     """Train the tiny model on a fresh corpus with septet.train; returns the checkpoints
     (step 0, the untrained model, then `snapshots` evenly spaced ones ending at `steps`).
     `model` overrides fields of TINY, e.g. {"d_model": 32}."""
-    from ..train.checkpoint import list_checkpoints
+    from ..checkpoints.native import list_checkpoints
     from ..train.loop import TrainConfig, train
 
     if steps < 1 or snapshots < 1:

@@ -176,7 +176,7 @@ def contrastive_loss(logits: torch.Tensor, positives: torch.Tensor | None = None
 
 def load_clip(path: str | Path) -> tuple[CLIP, Tokenizer]:
     """A CLIP checkpoint written by `septet train-clip` (a step dir or the run dir: newest)."""
-    from septet.train.checkpoint import latest_checkpoint, load_checkpoint
+    from septet.checkpoints.native import latest_checkpoint, load_checkpoint
 
     path = Path(path)
     if path.is_dir() and not (path / "config.json").is_file():

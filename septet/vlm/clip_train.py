@@ -11,30 +11,27 @@ possible captions (image -> text top-1; chance 1/24) and text -> image recall@1 
 pool of test images (does the nearest image to each caption carry that caption).
 
 Determinism: step k's batch is drawn from a generator seeded by (seed, k), so a resumed
-run sees the same batches; model, optimizer and RNG state come back from the checkpoint
-(septet.train.checkpoint), and metrics.jsonl is trimmed to the resumed step.
+run sees the same batches; septet.train.run brings model, optimizer, data position and RNG
+state back from the checkpoint and trims metrics.jsonl to the resumed step.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from septet import options
 from septet.data.easyvqa import EasyVQA
 from septet.data.images import Preprocess
 from septet.errors import ConfigError
 from septet.models.clip import CLIP, CLIPConfig, TextConfig, caption_tokenizer, contrastive_loss, encode_texts
 from septet.models.vision import ViTConfig
-from septet.train.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                                     restore_rng, save_checkpoint)
-from septet.train.metrics import MetricsLog
+from septet.checkpoints.native import Checkpoint
 from septet.train.optim import build_optimizer
+from septet.train.run import LoopOptions, SeededDraws, Snapshot, TrainingLoop, check_same_config, resume_point
 from septet.train.schedules import lr_at
 
 
@@ -120,82 +117,65 @@ def evaluate(model: CLIP, tokens_all: torch.Tensor, data: Split, batch: int = 25
     return {"i2t_acc": i2t, "t2i_r1": t2i, "chance_i2t": 1.0 / tokens_all.shape[0]}
 
 
+class CLIPTrainer:
+    """A septet.train.run trainer: one contrastive step on a random batch of train images."""
+
+    def __init__(self, tc: CLIPTrainConfig, data_root: Path | None = None):
+        tc.validate()
+        torch.manual_seed(tc.seed)
+        self.tc = tc
+        pre = tc.preprocess()
+        self.train = load_split("train", tc.train_images, pre, data_root)
+        self.test = load_split("test", tc.eval_images, pre, data_root)
+        all_captions = EasyVQA.all_captions()
+        self.tok = caption_tokenizer(all_captions)
+        self.config = tc.model_config(self.tok.vocab_size)
+        self.model = CLIP(self.config, self.tok.eot_id)
+        self.tokens_all = encode_texts(self.tok, all_captions, self.config.text.context)  # (24, T)
+        self.opt = build_optimizer(self.model, "adamw", tc.lr, tc.weight_decay, betas=(0.9, 0.98), eps=1e-6)
+        self.batches = SeededDraws(tc.seed)
+        opts = LoopOptions(out=Path(tc.out), steps=tc.steps, eval_every=tc.eval_every, ckpt_every=tc.ckpt_every,
+                           keep_checkpoints=tc.keep_checkpoints, progress=tc.progress, desc="train-clip")
+        self.loop = TrainingLoop(self, opts, config=tc, resume_from=resume_point(tc.out, tc.resume, required=False))
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(model=self.model.state_dict(), config=self.config.to_dict(), optimizer=self.opt.state_dict(),
+                        tokenizer_json=self.tok.to_json_str(), state={"seed": self.tc.seed})
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        check_same_config(ckpt, self.config.to_dict(), "model config")
+        self.model.load_state_dict(ckpt.model_state)
+        self.opt.load_state_dict(ckpt.optimizer_state)
+
+    def train_step(self) -> dict:
+        tc = self.tc
+        lr = lr_at(self.loop.step + 1, kind="cosine", peak=tc.lr, warmup=tc.warmup, total=tc.steps)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        n = len(self.train.label)
+        idx = torch.randperm(n, generator=self.batches.next_generator())[:min(tc.batch_size, n)]
+        labels = self.train.label[idx]
+        logits = self.model(self.train.images[idx], self.tokens_all[labels])  # (B, B)
+        loss = contrastive_loss(logits, labels[:, None] == labels[None, :])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.opt.step()
+        return {"loss": loss.item(), "lr": lr, "temperature": 1.0 / self.model.scale().item()}
+
+    def evaluate(self) -> dict:
+        return {f"val_{k}": v for k, v in evaluate(self.model, self.tokens_all, self.test).items()}
+
+
 def train_clip(tc: CLIPTrainConfig, *, data_root: Path | None = None) -> dict:
     """Train (or resume) and return a summary: final loss, retrieval metrics, checkpoint."""
-    tc.validate()
-    torch.manual_seed(tc.seed)
-    out = Path(tc.out)
-    pre = tc.preprocess()
-    train = load_split("train", tc.train_images, pre, data_root)
-    test = load_split("test", tc.eval_images, pre, data_root)
-    all_captions = EasyVQA.all_captions()
-    tok = caption_tokenizer(all_captions)
-    mc = tc.model_config(tok.vocab_size)
-    model = CLIP(mc, tok.eot_id)
-    tokens_all = encode_texts(tok, all_captions, mc.text.context)  # (24, T)
-    opt = build_optimizer(model, "adamw", tc.lr, tc.weight_decay, betas=(0.9, 0.98), eps=1e-6)
-
-    step = 0
-    resume_from = latest_checkpoint(out) if tc.resume else None
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, with_training_state=True)
-        if ckpt.config != mc.to_dict():
-            raise ConfigError(f"{resume_from} was trained with another model config; "
-                              "resume with the same flags or pick a new --out")
-        model.load_state_dict(ckpt.model_state)
-        opt.load_state_dict(ckpt.optimizer_state)
-        restore_rng(ckpt.rng)
-        step = int(ckpt.train_state["step"])
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume_from is not None else None)
-
-    def save(at: int) -> Path:
-        path = checkpoint_dir(out, at)
-        save_checkpoint(path, model_state=model.state_dict(), config=mc.to_dict(),
-                        tokenizer_json=tok.to_json_str(), optimizer_state=opt.state_dict(),
-                        train_state={"step": at, "seed": tc.seed, "train_config": _plain(tc)})
-        prune_checkpoints(out, tc.keep_checkpoints)
-        return path
-
-    model.train()
-    n = len(train.label)
-    B = min(tc.batch_size, n)
-    bar = tqdm(total=tc.steps, initial=step, disable=not tc.progress, desc="train-clip", unit="step")
-    t0 = time.perf_counter()
-    loss_value = math.nan
-    last_ckpt = resume_from
-    while step < tc.steps:
-        step += 1
-        lr = lr_at(step, kind="cosine", peak=tc.lr, warmup=tc.warmup, total=tc.steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        g_data = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
-        idx = torch.randperm(n, generator=g_data)[:B]
-        labels = train.label[idx]
-        logits = model(train.images[idx], tokens_all[labels])  # (B, B)
-        loss = contrastive_loss(logits, labels[:, None] == labels[None, :])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        loss_value = loss.item()
-        row = {"step": step, "loss": loss_value, "lr": lr, "temperature": 1.0 / model.scale().item(),
-               "elapsed_s": time.perf_counter() - t0}
-        if step % tc.eval_every == 0 or step == tc.steps:
-            row.update({f"val_{k}": v for k, v in evaluate(model, tokens_all, test).items()})
-        log.log(row)
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-        bar.update(1)
-        if step % tc.ckpt_every == 0 or step == tc.steps:
-            last_ckpt = save(step)
-    bar.close()
-    log.close()
-    final = evaluate(model, tokens_all, test)
-    return {"steps": step, "loss": loss_value, **final, "checkpoint": str(last_ckpt),
-            "metrics": str(out / "metrics.jsonl"), "train_images": n, "eval_images": len(test.label)}
-
-
-def _plain(tc: CLIPTrainConfig) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(tc).items()}
+    trainer = CLIPTrainer(tc, data_root)
+    trainer.model.train()
+    last = trainer.loop.fit()
+    final = evaluate(trainer.model, trainer.tokens_all, trainer.test)
+    return {"steps": trainer.loop.step, "loss": last.get("loss", math.nan), **final,
+            "checkpoint": str(trainer.loop.last_checkpoint), "metrics": str(Path(tc.out) / "metrics.jsonl"),
+            "train_images": len(trainer.train.label), "eval_images": len(trainer.test.label)}
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -204,21 +184,21 @@ SIZE_FIELDS = ("image_size", "patch_size", "vit_layers", "vit_dim", "vit_heads",
                "text_heads", "embed_dim")
 
 
-def cmd_train_clip(args) -> dict | None:
-    """`septet train-clip` (its flags are declared in septet.vlm.cli, which stays torch-free)."""
+def clip_train_config(args) -> CLIPTrainConfig:
+    """The CLIPTrainConfig that `septet train-clip` flags describe: one flag per field
+    (septet.vlm.cli), --set FIELD=INT for a model size, --json turning the progress bar off."""
     sizes = {}
     for pair in args.set:
         key, sep, value = pair.partition("=")
         if not sep or key not in SIZE_FIELDS or not value.strip().isdigit():
             raise ConfigError(f"--set {pair!r}: expected FIELD=INT with FIELD one of {', '.join(SIZE_FIELDS)}")
         sizes[key] = int(value)
-    # flags left unset (None) keep CLIPTrainConfig's defaults
-    given = {name: getattr(args, name) for name in ("steps", "batch_size", "lr", "warmup", "weight_decay", "seed",
-                                                   "train_images", "eval_images", "eval_every", "ckpt_every")}
-    given = {k: v for k, v in given.items() if v is not None}
-    if args.out is not None:
-        given["out"] = Path(args.out)
-    tc = CLIPTrainConfig(resume=args.resume, progress=not args.json and not args.no_progress, **given, **sizes)
+    return options.build(CLIPTrainConfig, args, progress=args.progress and not args.json, **sizes)
+
+
+def cmd_train_clip(args) -> dict | None:
+    """`septet train-clip` (its flags are declared in septet.vlm.cli, which stays torch-free)."""
+    tc = clip_train_config(args)
     summary = train_clip(tc)
     if args.json:
         return summary
@@ -228,4 +208,5 @@ def cmd_train_clip(args) -> dict | None:
     return None
 
 
-__all__ = ["CLIPTrainConfig", "SIZE_FIELDS", "Split", "cmd_train_clip", "evaluate", "load_split", "train_clip"]
+__all__ = ["CLIPTrainConfig", "CLIPTrainer", "SIZE_FIELDS", "Split", "clip_train_config", "cmd_train_clip",
+           "evaluate", "load_split", "train_clip"]

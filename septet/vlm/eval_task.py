@@ -87,7 +87,7 @@ def _row(task: str, shots: int, metric: str, value: float, n: int, primary: bool
 
 def cmd_eval_vlm(args: argparse.Namespace):
     """`septet eval` on a VLM checkpoint (same flags; see the module docstring)."""
-    from septet.eval.cli import parse_shots
+    from septet.eval.tasks import parse_shots
     from septet.eval.report import markdown_table, results_json, write_report
     from . import data as D
     from .evaluate import EvalConfig
@@ -103,7 +103,7 @@ def cmd_eval_vlm(args: argparse.Namespace):
     ec = EvalConfig(shots=tuple(shots), images=args.limit or EvalConfig.images,
                     seed=0 if args.seed is None else args.seed)
     from septet.api import load, resolve_checkpoint
-    from septet.train.checkpoint import load_checkpoint
+    from septet.checkpoints.native import load_checkpoint
 
     lm_name = load_checkpoint(resolve_checkpoint(args.model)).config["lm"]
     loaded = load(lm_name)

@@ -240,7 +240,7 @@ def load_vlm(path: str | Path, *, lm=None) -> VLM:
     """A VLM checkpoint (or a run directory: its newest checkpoint) -> VLM. `lm` overrides
     the LoadedModel named in the checkpoint (tests pass a tiny one)."""
     from septet.api import load, resolve_checkpoint
-    from septet.train.checkpoint import load_checkpoint
+    from septet.checkpoints.native import load_checkpoint
 
     p = resolve_checkpoint(path)
     ckpt = load_checkpoint(p)
@@ -260,7 +260,7 @@ def load_vlm(path: str | Path, *, lm=None) -> VLM:
 
 def is_vlm_checkpoint(path: str | Path) -> bool:
     """Whether `path` (a checkpoint or run directory) holds a VLM checkpoint."""
-    from septet.train.checkpoint import latest_checkpoint
+    from septet.checkpoints.native import latest_checkpoint
 
     p = Path(path)
     if p.is_dir() and not (p / "config.json").is_file():

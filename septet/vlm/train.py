@@ -17,29 +17,26 @@ Flamingos sparsify it — every 4th at 9B, 7th at 80B; a 4-layer 256-wide Q-Form
 8 queries, not BERT-base with 32) so a run fits in tens of CPU minutes.
 
 Determinism: step k's batches come from a generator seeded by (seed, k); a resumed run
-restores bridge, optimizer and RNG state, so it continues as if never stopped.
+restores bridge, optimizer, data position and RNG state (septet.train.run does the
+bookkeeping), so it continues as if never stopped.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from septet.errors import ConfigError
 from septet.models.blip2 import Blip2Config
 from septet.models.flamingo import FlamingoConfig
 from septet.nn.qformer import QFormerConfig
-from septet.train.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                                     restore_rng, save_checkpoint)
-from septet.train.metrics import MetricsLog
+from septet.checkpoints.native import Checkpoint, save_checkpoint
+from septet.train.run import LoopOptions, SeededDraws, Snapshot, TrainingLoop, check_same_config, resume_point
 from septet.train.schedules import lr_at
 from . import data as D
 from .infer import ARCHS, FAMILY, NORM_MEAN, NORM_STD, VLM, build_bridge, eos_id_of, vision_spec
@@ -211,6 +208,65 @@ def quick_accuracy(vlm: VLM, data: D.VQAData, questions: list) -> float:
     return right / max(len(questions), 1)
 
 
+class BridgeTrainer:
+    """A septet.train.run trainer for a Flamingo or BLIP-2 bridge: only the bridge (and the
+    feature statistics it was trained with) is checkpointed."""
+
+    def __init__(self, tc: VLMTrainConfig, vlm: VLM, train: D.VQAData, val: D.VQAData, config: dict,
+                 extra: dict[str, torch.Tensor]):
+        self.tc, self.vlm, self.bridge, self.train, self.val = tc, vlm, vlm.bridge, train, val
+        self.config, self.extra = config, extra
+        self.opt = _optimizer(tc, self.bridge)
+        self.batches = SeededDraws(tc.seed)
+        self.val_qs = D.sample_questions(val, tc.eval_questions, torch.Generator().manual_seed(1234))
+        opts = LoopOptions(out=Path(tc.out), steps=tc.total_steps, eval_every=tc.eval_every, ckpt_every=tc.ckpt_every,
+                           keep_checkpoints=tc.keep_checkpoints, progress=tc.progress, desc=f"vlm train {tc.arch}",
+                           show=("loss", "val_acc"))
+        self.loop = TrainingLoop(self, opts, config=tc, resume_from=resume_point(tc.out, tc.resume, required=False))
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {**self.bridge.bridge_state_dict(), **self.extra}
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(model=self.weights(), config=self.config, optimizer=self.opt.state_dict(),
+                        state={"seed": self.tc.seed})
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        check_same_config(ckpt, self.config)
+        self.bridge.load_bridge_state_dict({k: v for k, v in ckpt.model_state.items() if k not in self.extra})
+        self.opt.load_state_dict(ckpt.optimizer_state)
+
+    def train_step(self) -> dict:
+        tc, step = self.tc, self.loop.step + 1
+        lr = _lr(tc, step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        g = self.batches.next_generator()
+        self.opt.zero_grad(set_to_none=True)
+        if tc.arch == "flamingo":
+            row = flamingo_step(self.bridge, self.train, self.vlm.fmt, tc, g)
+        else:
+            row = blip2_step(self.bridge, self.train, self.vlm.fmt, tc, step, g)
+        params = [p for p in self.bridge.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip).item() if params else 0.0
+        self.opt.step()
+        if tc.arch == "blip2" and step == tc.stage1_steps:
+            # stage 2 goes on training the Q-Former for the LM only, which un-aligns the ITC /
+            # ITM heads; BLIP-2 retrieves with the stage-1 model (§4.4), so keep it
+            save_checkpoint(Path(tc.out) / STAGE1_DIR, model_state=self.weights(), config=self.config,
+                            tokenizer_json=None)
+        return {**row, "lr": lr, "grad_norm": grad_norm}
+
+    def evaluate(self) -> dict:
+        generative = self.tc.arch == "flamingo" or self.loop.step > self.tc.stage1_steps
+        if not (generative and self.val_qs):
+            return {}
+        self.bridge.eval()
+        acc = quick_accuracy(self.vlm, self.val, self.val_qs)
+        self.bridge.train()
+        return {"val_acc": acc}
+
+
 def train_vlm(tc: VLMTrainConfig, *, train: D.VQAData | None = None, val: D.VQAData | None = None,
               lm=None) -> dict:
     """Train (or resume) a bridge; returns a summary. `train`/`val`/`lm` default to easy-VQA
@@ -230,85 +286,18 @@ def train_vlm(tc: VLMTrainConfig, *, train: D.VQAData | None = None, val: D.VQAD
     bridge_cfg = tc.bridge_config(lm.model.config.vocab_size)
     bridge = build_bridge(tc.arch, bridge_cfg, lm.model)
     vlm = VLM(tc.arch, bridge, lm.tokenizer, eos_id=eos_id_of(lm), vision=tc.vision, feature_norm=norm)
-    train, val = vlm.view(train), vlm.view(val)
     config = {"family": FAMILY, "arch": tc.arch, "lm": tc.lm, "vision": tc.vision, "bridge": bridge_cfg,
               "feature_norm": norm is not None}
     extra = {} if norm is None else {NORM_MEAN: norm[0], NORM_STD: norm[1]}
-    opt = _optimizer(tc, bridge)
-    out = Path(tc.out)
-
-    step = 0
-    resume_from = latest_checkpoint(out) if tc.resume else None
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, with_training_state=True)
-        if ckpt.config != config:
-            raise ConfigError(f"{resume_from} was trained with another config; resume with the same flags "
-                              "or pick a new --out")
-        state = dict(ckpt.model_state)
-        for key in extra:
-            state.pop(key)
-        bridge.load_bridge_state_dict(state)
-        opt.load_state_dict(ckpt.optimizer_state)
-        restore_rng(ckpt.rng)
-        step = int(ckpt.train_state["step"])
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume_from is not None else None)
-    g_val = torch.Generator().manual_seed(1234)
-    val_qs = D.sample_questions(val, tc.eval_questions, g_val)
-
-    def save(at: int) -> Path:
-        path = checkpoint_dir(out, at)
-        save_checkpoint(path, model_state={**bridge.bridge_state_dict(), **extra}, config=config, tokenizer_json=None,
-                        optimizer_state=opt.state_dict(),
-                        train_state={"step": at, "seed": tc.seed, "train_config": _plain(tc)})
-        prune_checkpoints(out, tc.keep_checkpoints)
-        return path
-
-    total = tc.total_steps
-    bar = tqdm(total=total, initial=step, disable=not tc.progress, desc=f"vlm train {tc.arch}", unit="step")
-    t0 = time.perf_counter()
-    row: dict = {"loss": math.nan}
-    last = resume_from
+    trainer = BridgeTrainer(tc, vlm, vlm.view(train), vlm.view(val), config, extra)
     bridge.train()
-    while step < total:
-        step += 1
-        lr = _lr(tc, step)
-        for group in opt.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
-        g = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
-        opt.zero_grad(set_to_none=True)
-        if tc.arch == "flamingo":
-            row = flamingo_step(bridge, train, vlm.fmt, tc, g)
-        else:
-            row = blip2_step(bridge, train, vlm.fmt, tc, step, g)
-        params = [p for p in bridge.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip).item() if params else 0.0
-        opt.step()
-        row.update({"step": step, "lr": lr, "grad_norm": grad_norm, "elapsed_s": time.perf_counter() - t0})
-        generative = tc.arch == "flamingo" or step > tc.stage1_steps
-        if generative and (step % tc.eval_every == 0 or step == total) and val_qs:
-            bridge.eval()
-            row["val_acc"] = quick_accuracy(vlm, val, val_qs)
-            bridge.train()
-        log.log(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", **({"val_acc": f"{row['val_acc']:.2f}"} if "val_acc" in row else {}))
-        bar.update(1)
-        if step % tc.ckpt_every == 0 or step == total:
-            last = save(step)
-        if tc.arch == "blip2" and step == tc.stage1_steps:
-            # stage 2 goes on training the Q-Former for the LM only, which un-aligns the ITC /
-            # ITM heads; BLIP-2 retrieves with the stage-1 model (§4.4), so keep it
-            save_checkpoint(out / STAGE1_DIR, model_state={**bridge.bridge_state_dict(), **extra}, config=config,
-                            tokenizer_json=None)
-    bar.close()
-    log.close()
+    last = trainer.loop.fit()
     bridge.eval()
-    return {"arch": tc.arch, "steps": step, "loss": row["loss"], "val_acc": row.get("val_acc"),
-            "val_questions": len(val_qs), "checkpoint": str(last), "metrics": str(out / "metrics.jsonl"),
+    return {"arch": tc.arch, "steps": trainer.loop.step, "loss": last.get("loss", math.nan),
+            "val_acc": last.get("val_acc"), "val_questions": len(trainer.val_qs),
+            "checkpoint": str(trainer.loop.last_checkpoint), "metrics": str(Path(tc.out) / "metrics.jsonl"),
             "trainable_parameters": sum(p.numel() for p in bridge.trainable_parameters())}
 
 
-def _plain(tc: VLMTrainConfig) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(tc).items()}
-
-
-__all__ = ["STAGE1_DIR", "VLMTrainConfig", "blip2_step", "flamingo_step", "quick_accuracy", "train_vlm"]
+__all__ = ["STAGE1_DIR", "BridgeTrainer", "VLMTrainConfig", "blip2_step", "flamingo_step", "quick_accuracy",
+           "train_vlm"]

@@ -1,4 +1,4 @@
-"""septet checkpoints: one directory, written atomically, resumable bit-exactly on CPU.
+"""septet's own checkpoint format: one directory, written atomically, resumable bit-exactly on CPU.
 
     <path>/config.json                 the caller's config dict (must contain "family")
     <path>/model.safetensors           model weights; tied weights stored once (see below)
