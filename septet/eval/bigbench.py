@@ -93,7 +93,9 @@ _NAME = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)?$")
 
 
 def load_bigbench(spec: str) -> BigBenchTask:
-    """`NAME` or `NAME/SUBTASK` from the bigbench asset (fetched on first use)."""
+    """`NAME` or `NAME/SUBTASK` from the bigbench asset, fetched on first use from the first of
+    its sources that works (PyPI, GitHub, a local directory: septet.assets); when none can be
+    reached, septet.assets.AssetUnavailable says why for each, in one line."""
     from .. import assets
 
     if not _NAME.match(spec):

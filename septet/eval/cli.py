@@ -14,16 +14,6 @@ from typing import Any, Callable
 from ..errors import InputError
 
 
-def parse_shots(text: str) -> list[int]:
-    try:
-        shots = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"--shots {text!r}: expected comma-separated counts like 0,1,5") from None
-    if not shots or any(k < 0 for k in shots):
-        raise InputError(f"--shots {text!r}: expected non-negative counts like 0,1,5")
-    return sorted(set(shots))
-
-
 def evaluate_task(task, scorer, shots: int, *, limit: int | None, seed: int | None, mode: str | None,
                   progress: Callable[[int], None] | None, lm=None):
     """Rows of one task object at one shot count. A task type other than the two built in
@@ -67,7 +57,8 @@ def cmd_eval(args: argparse.Namespace) -> Any:
     from ..api import load
     from .report import markdown_table, results_json, write_report
     from .scoring import Scorer
-    from .tasks import get_task
+    from .catalog import get_task
+    from .tasks import parse_shots
 
     from ..vlm.eval_task import cmd_eval_vlm, is_vlm_model  # a VLM checkpoint is not an LM: its own path
     if is_vlm_model(args.model):
@@ -78,6 +69,12 @@ def cmd_eval(args: argparse.Namespace) -> Any:
     specs = [s.strip() for s in args.task.split(",") if s.strip()]
     if not specs:
         raise InputError("--task is empty; name a task, e.g. bigbench:cause_and_effect")
+    if args.bigbench_dir is not None:  # fills the cache from it, if PyPI and GitHub are unreachable
+        if not any(s.startswith("bigbench:") for s in specs):
+            raise InputError("--bigbench-dir applies to bigbench:NAME tasks only; drop it or add such a task")
+        from .. import assets
+
+        assets.fetch("bigbench", local_dir=args.bigbench_dir, quiet=args.json)
     tasks = [(spec, get_task(spec)) for spec in specs]  # fail on a bad task before loading the model
     if args.calculator:
         if not any(hasattr(t, "with_calculator") for _, t in tasks):
@@ -147,6 +144,10 @@ def add_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     e.add_argument("--task", required=True,
                    help="bigbench:NAME[/SUBTASK], a task.json, a .jsonl file, humaneval, "
                         "gsm8k-cot:PROBLEMS.jsonl, mmlu-cot[:SUBJECT]; comma-separated for several")
+    e.add_argument("--bigbench-dir", default=None, metavar="DIR",
+                   help="a directory holding BIG-bench's benchmark_tasks (or a checkout above it), used when "
+                        "the bigbench asset is not cached and PyPI and GitHub are unreachable "
+                        "(default: $SEPTET_BIGBENCH_DIR)")
     e.add_argument("--shots", default="0", help="comma-separated demonstration counts, e.g. 0,1,5")
     e.add_argument("--limit", type=int, default=None, help="evaluate at most N items per task (per shot count)")
     e.add_argument("--seed", type=int, default=None,
