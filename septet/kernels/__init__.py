@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .. import env
+
 HERE = Path(__file__).parent
 C_SOURCES = (HERE / "q4.c", HERE / "attn.c", HERE / "step.c")
 SOURCES = (*C_SOURCES, HERE / "kernels.h", HERE / "ops.cpp")
@@ -45,9 +47,7 @@ def _cpu_flags() -> str:
 
 
 def _cache_dir() -> Path:
-    from ..assets import cache_root  # the same root as assets and features
-
-    return cache_root() / "kernels"
+    return env.home() / "kernels"  # the same root as assets and features
 
 
 def _run(cmd: list[str]) -> None:
@@ -92,7 +92,7 @@ def available() -> bool:
     """Whether the operators are loaded, building them on the first call; False when they
     cannot be had here (see `why_not`) or SEPTET_KERNELS=0 (read on every call, so a caller
     can switch to torch's kernels at any time)."""
-    if os.environ.get("SEPTET_KERNELS", "1") == "0":
+    if not env.kernels_enabled():
         return False
     if not _loaded:
         _loaded.append(_load())
@@ -150,4 +150,4 @@ def why_not() -> str | None:
     """Why `available()` is False, or None when the kernels are in use."""
     if available():
         return None
-    return "SEPTET_KERNELS=0" if os.environ.get("SEPTET_KERNELS", "1") == "0" else _why or "unknown"
+    return "SEPTET_KERNELS=0" if not env.kernels_enabled() else _why or "unknown"

@@ -12,30 +12,11 @@ def add_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     _add_vlm(verb)
 
 
-# VLMTrainConfig fields settable from the command line (None = the dataclass default)
-TRAIN_FLAGS = {
-    "steps": int, "stage1_steps": int, "lr": float, "stage1_lr": float, "warmup": int, "schedule": str,
-    "weight_decay": float, "seed": int, "vqa_batch": int, "caption_batch": int, "interleaved_batch": int,
-    "interleaved_images": int, "answer_alpha": float, "vqa_weight": float, "caption_weight": float, "interleaved_weight": float,
-    "stage1_batch": int, "n_latents": int, "resampler_layers": int, "resampler_dim": int, "xattn_every": int,
-    "ff_mult": int, "gate_lr_mult": float, "qformer_dim": int, "qformer_layers": int, "n_query": int, "eval_every": int,
-    "eval_questions": int, "ckpt_every": int, "threads": int,
-}
-
-
 def _add_vlm(verb: Callable[..., argparse.ArgumentParser]) -> None:
     p = verb("vlm", _cmd_vlm, "vision-language models: `septet vlm train --arch flamingo|blip2`")
     sub = p.add_subparsers(dest="vlm_verb", required=True, metavar="VERB")
     t = sub.add_parser("train", help="train a Flamingo or BLIP-2 bridge on easy-VQA (resumable)")
-    t.add_argument("--arch", required=True, choices=["flamingo", "blip2"])
-    t.add_argument("--lm", default="smollm2-135m-instruct", help="the frozen LM (asset name or checkpoint)")
-    t.add_argument("--vision", default="efficientnet-lite0", help="the frozen image encoder")
-    t.add_argument("--out", default=None, help="run directory (default runs/ARCH)")
-    for name, kind in TRAIN_FLAGS.items():
-        t.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=kind.__name__.upper(),
-                       help="default: septet.vlm.train.VLMTrainConfig")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    t.add_argument("--no-progress", action="store_true")
+    t.defer(_vlm_train_flags)
     t.add_argument("--json", action="store_true", help="machine-readable output")
 
     q = verb("vqa", _cmd_vqa, "ask a trained VLM a question about an image (PNG/JPEG, any size)")
@@ -49,6 +30,23 @@ def _add_vlm(verb: Callable[..., argparse.ArgumentParser]) -> None:
     c.add_argument("--model", required=True, help="a VLM checkpoint or run directory from `septet vlm train`")
     c.add_argument("--image", required=True)
     c.add_argument("--beams", type=int, default=None)
+
+
+def _vlm_train_flags(p: argparse.ArgumentParser) -> None:
+    """`septet vlm train`'s flags: one per VLMTrainConfig field (septet.options)."""
+    from septet import options
+    from septet.train.schedules import KINDS
+
+    from .infer import ARCHS
+    from .train import VLMTrainConfig
+
+    options.add_flags(p, VLMTrainConfig, choices={"arch": ARCHS, "schedule": KINDS}, flags={
+        "arch": options.Flag(required=True),
+        "lm": options.Flag(help="the frozen LM (asset name or checkpoint)"),
+        "vision": options.Flag(help="the frozen image encoder"),
+        "out": options.Flag(default=None, help="run directory (default runs/ARCH)"),
+        "resume": options.Flag(help="continue from the newest checkpoint in --out"),
+    })
 
 
 def _cmd_vlm(args: argparse.Namespace):
@@ -70,26 +68,29 @@ def _cmd_caption(args: argparse.Namespace):
 
 
 def _add_train_clip(verb: Callable[..., argparse.ArgumentParser]) -> None:
-    # unset flags (None) keep the defaults of septet.vlm.clip_train.CLIPTrainConfig, which
-    # is imported only when the verb runs: building the parser must not import torch
+    # the flags come from septet.vlm.clip_train.CLIPTrainConfig, imported (with torch) only
+    # when this verb is parsed: `septet --help` and the other verbs must not import torch
     p = verb("train-clip", _cmd_train_clip,
              "contrastive (CLIP) pretraining of a small ViT + text encoder on easy-VQA captions (resumable)")
-    p.add_argument("--out", default=None, help="run directory (default runs/clip-easyvqa)")
-    p.add_argument("--steps", type=int, default=None, help="default 2000")
-    p.add_argument("--batch-size", type=int, default=None, help="default 128")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate, default 5e-4")
-    p.add_argument("--warmup", type=int, default=None, help="default 100")
-    p.add_argument("--weight-decay", type=float, default=None, help="default 0.2 (CLIP)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--train-images", type=int, default=None, help="use the first N train images (default: all)")
-    p.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N test images (default: all)")
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--ckpt-every", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.defer(_train_clip_flags)
+
+
+def _train_clip_flags(p: argparse.ArgumentParser) -> None:
+    """`septet train-clip`'s flags: one per CLIPTrainConfig field, and --set for the model sizes."""
+    from septet import options
+
+    from .clip_train import SIZE_FIELDS, CLIPTrainConfig
+
+    options.add_flags(p, CLIPTrainConfig, flags={
+        "lr": options.Flag(help="peak learning rate"),
+        "weight_decay": options.Flag(help="CLIP's"),
+        "train_images": options.Flag(help="use the first N train images (0: all)"),
+        "eval_images": options.Flag(help="evaluate on the first N test images (0: all)"),
+        "resume": options.Flag(help="continue from the newest checkpoint in --out"),
+    })
     p.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
-                   help="a model size, e.g. --set vit_layers=6 (image_size, patch_size, vit_layers, vit_dim, "
-                        "vit_heads, text_layers, text_dim, text_heads, embed_dim)")
-    p.add_argument("--no-progress", action="store_true")
+                   help=f"a model size, e.g. --set vit_layers=6 ({', '.join(SIZE_FIELDS)}); "
+                        "the same as --vit-layers 6")
 
 
 def _cmd_train_clip(args: argparse.Namespace):

@@ -9,13 +9,21 @@ from pathlib import Path
 from septet.errors import InputError
 
 
-def cmd_vlm_train(args: argparse.Namespace) -> dict | None:
-    from .cli import TRAIN_FLAGS
-    from .train import VLMTrainConfig, train_vlm
+def vlm_train_config(args: argparse.Namespace):
+    """The VLMTrainConfig that `septet vlm train` flags describe: one flag per field
+    (septet.vlm.cli), --out defaulting to runs/ARCH and --json turning the progress bar off."""
+    from septet import options
 
-    given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
-    tc = VLMTrainConfig(arch=args.arch, lm=args.lm, vision=args.vision, out=Path(args.out or f"runs/{args.arch}"),
-                        resume=args.resume, progress=not args.json and not args.no_progress, **given)
+    from .train import VLMTrainConfig
+
+    return options.build(VLMTrainConfig, args, out=Path(args.out or f"runs/{args.arch}"),
+                         progress=args.progress and not args.json)
+
+
+def cmd_vlm_train(args: argparse.Namespace) -> dict | None:
+    from .train import train_vlm
+
+    tc = vlm_train_config(args)
     summary = train_vlm(tc)
     if args.json:
         return summary
