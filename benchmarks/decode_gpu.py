@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from septet.checkpoints.export_hf import save_hf  # noqa: E402
-from septet.generate import Sampling, generate_batch, optimize_for_inference  # noqa: E402
+from septet.inference import Sampling, generate_batch, optimize_for_inference  # noqa: E402
 from septet.models import build  # noqa: E402
 from septet.models.llama import LLaMAConfig  # noqa: E402
 

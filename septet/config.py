@@ -19,6 +19,7 @@ class DecoderConfig:
     """Fields every decoder-only LM has. Families add their own."""
 
     family: ClassVar[str] = "decoder"
+    split_digits: ClassVar[bool] = False  # the tokenizer splits numbers into single digits
 
     vocab_size: int = 32000
     n_layer: int = 12
@@ -103,59 +104,10 @@ def register(preset: Preset) -> None:
     _PRESETS[preset.name] = preset
 
 
-def _load_families() -> None:
-    from . import models  # noqa: F401  (importing registers every family and preset)
-
-
-def presets() -> dict[str, Preset]:
-    _load_families()
+def registered_presets() -> dict[str, Preset]:
+    """Every preset registered so far (septet.models registers them all on import)."""
     return dict(_PRESETS)
 
 
-def get_preset(name: str) -> Preset:
-    _load_families()
-    if name not in _PRESETS:
-        import difflib
-
-        close = difflib.get_close_matches(name, _PRESETS, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else "run `septet models` for the list"
-        raise ConfigError(f"unknown model preset '{name}': {hint}")
-    return _PRESETS[name]
-
-
-def config_from_dict(d: dict[str, Any], source: str = "config.json") -> DecoderConfig:
-    """Rebuild a config from its dict; errors name `source` and the offending field."""
-    _load_families()
-    if not isinstance(d, dict) or "family" not in d:
-        raise ConfigError(f"{source}: missing field 'family' (one of {', '.join(sorted(_FAMILIES))})")
-    fam = d["family"]
-    if fam not in _FAMILIES:
-        raise ConfigError(f"{source}: field 'family' is {fam!r}; expected one of {', '.join(sorted(_FAMILIES))}")
-    cls = _FAMILIES[fam]
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names - {"family"})
-    if unknown:
-        raise ConfigError(f"{source}: unknown field '{unknown[0]}' for family {fam}; remove it")
-    kwargs = {k: v for k, v in d.items() if k != "family"}
-    for f in dataclasses.fields(cls):
-        if f.name in kwargs and not _type_ok(kwargs[f.name], str(f.type)):
-            raise ConfigError(f"{source}: field '{f.name}' must be {f.type}, got {kwargs[f.name]!r}")
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError, ConfigError) as e:
-        raise ConfigError(f"{source}: {e}") from None
-
-
-_SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
-
-
-def _type_ok(value: Any, annotation: str) -> bool:
-    """Check a JSON value against a field annotation such as 'int', 'float | None'.
-    bool is not accepted where a number is expected (JSON true is not 1)."""
-    for part in (p.strip() for p in annotation.split("|")):
-        if part == "None" and value is None:
-            return True
-        kinds = _SCALARS.get(part)
-        if kinds and isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
-            return True
-    return False
+def registered_families() -> dict[str, type[DecoderConfig]]:
+    return dict(_FAMILIES)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from septet.config import get_preset
+from septet.models import get_preset
 from septet.models import build
 from septet.models.blip2 import (VQA_PROMPT, Blip2, Blip2Config, Blip2Stage1, load_hf_qformer_state_dict,
                                  sample_hard_negatives)

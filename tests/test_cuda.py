@@ -13,8 +13,8 @@ import socket
 import pytest
 import torch
 
-from septet.config import get_preset
-from septet.generate import Sampling, generate_batch, generate_ids, optimize_for_inference
+from septet.models import get_preset
+from septet.inference import Sampling, generate_batch, generate_batch_with_logits, generate_ids, optimize_for_inference
 from septet.models import build
 from septet.train.optim import build_optimizer
 
@@ -99,8 +99,8 @@ def test_compiled_decode_on_gpu_equals_eager(graphs, monkeypatch):
     eager = Sampling(max_new_tokens=20, temperature=0.0, compile=False)
     compiled = Sampling(max_new_tokens=20, temperature=0.0, compile=True)
     for _ in range(2):
-        ids_e, logits_e = generate_batch(model, prompts, eager, return_logits=True)
-        ids_c, logits_c = generate_batch(model, prompts, compiled, return_logits=True)
+        ids_e, logits_e = generate_batch_with_logits(model, prompts, eager)
+        ids_c, logits_c = generate_batch_with_logits(model, prompts, compiled)
         assert ids_c == ids_e
         for a, b in zip(logits_c, logits_e):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

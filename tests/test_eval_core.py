@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from septet.api import LoadedModel
-from septet.config import get_preset
+from septet.models import get_preset
 from septet.errors import DataError, InputError
 from septet.eval import fewshot
 from septet.eval.metrics import (choice_scores, exact_match, mean_stderr, normalize_answer,
                                  token_f1, accuracy)
 from septet.eval.report import Row, markdown_table, write_report
 from septet.eval.scoring import Scorer
-from septet.eval.tasks import Doc, Task, TaskConfig, get_task, load_jsonl
+from septet.eval.catalog import get_task
+from septet.eval.tasks import Doc, Task, TaskConfig, load_jsonl
 from septet.models import build
 from septet.tokenizer import Tokenizer
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from septet.config import get_preset
+from septet.models import get_preset
 from septet.errors import DataError, InputError
 from septet.eval import cot
-from septet.generate import Sampling
+from septet.inference import Sampling
 from septet.models import build
 
 # ----------------------------------------------------------------------------- exemplars
@@ -137,13 +137,20 @@ class ScriptedModel(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))
         self.calls: list[list[int]] = []
 
-    def new_cache(self, batch, max_len=None):
-        return SimpleNamespace(ids=[], n_prompt=None, max_len=max_len)
+    def new_cache(self, batch, max_len=None, cache_cls=None):
+        return SimpleNamespace(ids=[], n_prompt=None, max_len=max_len, pos=0)
+
+    def prepare_for_inference(self):
+        pass
+
+    def row_positions(self, pad, start, T):
+        return torch.arange(start, start + T)
 
     def forward(self, tokens, *, cache=None, positions=None, pad_mask=None, last_only=False):
         fed = tokens[0].tolist()
         self.calls.append(fed)
         cache.ids += fed
+        cache.pos += len(fed)
         assert len(cache.ids) <= cache.max_len
         if cache.n_prompt is None:
             cache.n_prompt = len(fed)

@@ -18,7 +18,7 @@ lm_eval = pytest.importorskip("lm_eval")
 import torch  # noqa: E402
 
 from septet.api import LoadedModel  # noqa: E402
-from septet.config import get_preset  # noqa: E402
+from septet.models import get_preset
 from septet.eval.lm_eval_adapter import SeptetLM  # noqa: E402
 from septet.models import build  # noqa: E402
 from septet.tokenizer import Tokenizer  # noqa: E402

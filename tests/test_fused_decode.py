@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from septet import kernels
-from septet.config import get_preset
-from septet.fused_decode import FusedDecoder, why_not_fused
-from septet.generate import (Sampling, decode_path, decode_step, generate_batch, generate_ids,
-                             optimize_for_inference)
+from septet.models import get_preset
+from septet.inference.steps.fused import FusedDecoder, why_not_fused
+from septet.inference import (Sampling, decode_path, decode_step, generate_batch, generate_ids,
+                              optimize_for_inference)
 from septet.models import build
-from septet.quant import quantize_model
+from septet.inference.quant import quantize_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -90,14 +90,14 @@ def test_int8_activation_step_follows_the_same_arithmetic():
 def test_generation_takes_the_fused_step_and_gives_the_same_tokens(monkeypatch):
     model = tiny("int4", seed=1)
     assert decode_path(model, False, 32) == "fused" and decode_path(model, True, 32) == "compiled"
-    assert isinstance(decode_step(model, False, 1, 32).__self__, FusedDecoder)
+    assert isinstance(decode_step(model, False, 32).__self__, FusedDecoder)
     s = Sampling(max_new_tokens=20, temperature=0)
     fused = list(generate_ids(model, [3, 1, 4, 1, 5], s))
     batch = generate_batch(model, [[3, 1, 4, 1, 5], [9, 2]], s)
     monkeypatch.setenv("SEPTET_FUSED_DECODE", "0")
     assert why_not_fused(model) == "SEPTET_FUSED_DECODE=0"
     assert decode_path(model, False, 32) == "eager"
-    assert not hasattr(decode_step(model, False, 1, 32), "__self__")
+    assert not hasattr(decode_step(model, False, 32), "__self__")
     assert fused == list(generate_ids(model, [3, 1, 4, 1, 5], s))
     assert batch == generate_batch(model, [[3, 1, 4, 1, 5], [9, 2]], s)
 

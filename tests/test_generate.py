@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from septet.api import LoadedModel
-from septet.config import get_preset
-from septet.generate import (Sampling, TextStream, apply_repetition_penalty, filter_logits,
-                             generate_batch, generate_ids, optimize_for_inference, sample_next,
-                             stream_text)
+from septet.models import get_preset
+from septet.inference import (Sampling, TextStream, filter_logits, generate_batch, generate_batch_with_logits,
+                              generate_ids,
+                              optimize_for_inference, sample_next, stream_text)
+from septet.inference.sampling import apply_repetition_penalty
 from septet.models import build
 from septet.tokenizer import Tokenizer
 
@@ -113,8 +114,7 @@ def test_stop_id_ends_generation(tiny):
 def test_cached_steps_equal_the_uncached_forward(tiny):
     # prompt 5 + 20 new tokens = 25 > the gpt3 band of 8: banded layers are exercised
     prompt = [3, 1, 4, 1, 5]
-    [ids], [logits] = generate_batch(tiny, [prompt], Sampling(max_new_tokens=20, temperature=0),
-                                     return_logits=True)
+    [ids], [logits] = generate_batch_with_logits(tiny, [prompt], Sampling(max_new_tokens=20, temperature=0))
     seq = prompt + ids
     with torch.no_grad():
         full = tiny(torch.tensor([seq]))[0]  # (T, V)
@@ -126,9 +126,9 @@ def test_cached_steps_equal_the_uncached_forward(tiny):
 def test_batched_rows_equal_single_runs(tiny):
     prompts = [[7, 8, 9], list(range(10, 24)), [40, 41, 42, 43, 44, 45, 46, 47, 48]]
     s = Sampling(max_new_tokens=12, temperature=0)
-    rows, logits = generate_batch(tiny, prompts, s, return_logits=True)
+    rows, logits = generate_batch_with_logits(tiny, prompts, s)
     for p, r, lg in zip(prompts, rows, logits):
-        [alone], [lg1] = generate_batch(tiny, [p], s, return_logits=True)
+        [alone], [lg1] = generate_batch_with_logits(tiny, [p], s)
         assert r == alone
         assert r == list(generate_ids(tiny, p, s))
         torch.testing.assert_close(lg, lg1, atol=1e-4, rtol=1e-4)
@@ -262,7 +262,7 @@ def test_loaded_model_stop_strings_and_kwargs(tiny_lm):
 def test_static_step_equals_the_eager_cached_step():
     """septet.decode's step (write at a slot tensor, attend to all slots under a key mask)
     computes what the eager cached forward does, padding and per-row positions included."""
-    from septet.decode import _step
+    from septet.inference.steps.compiled import _step
 
     model = _tiny("llama-tiny", n_kv_head=2)
     prompts = [[7, 8, 9], list(range(10, 20))]
@@ -291,7 +291,7 @@ def test_static_step_equals_the_eager_cached_step():
 
 
 def test_static_decode_is_used_only_where_it_is_exact():
-    from septet.decode import supports_static_decode
+    from septet.inference.steps.compiled import supports_static_decode
 
     assert supports_static_decode(_tiny("llama-tiny"), 64)
     assert supports_static_decode(_tiny("palm-tiny"), 64)

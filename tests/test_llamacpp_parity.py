@@ -277,17 +277,17 @@ def test_top_token_logprob_matches_llamacpp(logits):
 def int4_logits(smol_path, logits):
     """setting -> {name: (llama.cpp log-probs, septet log-probs)} for the int4 settings."""
     import septet
-    from septet.fused_decode import FusedDecoder
-    from septet.generate import decode_step
+    from septet.inference.steps.fused import FusedDecoder
+    from septet.inference import decode_step
 
     slots = max(len(ids) for ids, *_ in logits.values())
     out: dict[str, dict] = {}
     for quant, dtype in (("int4", torch.bfloat16), ("int4", torch.float32), ("int4-a8", torch.float32)):
         tag = quant + ("+bf16" if dtype == torch.bfloat16 else "")
         model = septet.load(str(smol_path), quant=quant, dtype=dtype).model
-        steps = {"+compile": decode_step(model, True, 1, slots)}
+        steps = {"+compile": decode_step(model, True, slots)}
         if dtype == torch.float32:  # septet.fused_decode's one-call step (the uncompiled default)
-            steps[" fused"] = decode_step(model, False, 1, slots)
+            steps[" fused"] = decode_step(model, False, slots)
             assert isinstance(getattr(steps[" fused"], "__self__", None), FusedDecoder)
         with torch.inference_mode():
             for name, (ids, _, theirs, _) in logits.items():
@@ -348,7 +348,7 @@ def test_llamacpp_runs_a_septet_exported_gguf(tmp_path, smol_path, gguf_dtype):
     same tokens as septet does from that same file, and tokenizes text the same way."""
     import septet
     from septet.checkpoints.convert import export
-    from septet.generate import Sampling, generate_ids
+    from septet.inference import Sampling, generate_ids
 
     out = export(smol_path, "gguf", tmp_path / f"smollm2-{gguf_dtype}.gguf", dtype=gguf_dtype)
     mine = septet.load(str(out), dtype=torch.float32)

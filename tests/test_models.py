@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from septet.config import config_from_dict, get_preset, presets
+from septet.models import config_from_dict, get_preset, presets
 from septet.errors import ConfigError, SeptetError
 from septet.models import (GPT3, GPT3Config, LLaMA, LLaMAConfig, build, describe)
 from septet.nn.moe import MoE

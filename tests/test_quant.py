@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from septet.config import get_preset
+from septet.models import get_preset
 from septet.errors import ConfigError
-from septet.generate import Sampling, generate_ids
+from septet.inference import Sampling, generate_ids
 from septet.models import build
-from septet.quant import Int4Linear, Int8Linear, RefinedHead, quantize_linear, quantize_model
+from septet.inference.quant import Int4Linear, Int8Linear, RefinedHead, quantize_linear, quantize_model
 
 BF16_EPS = 2.0 ** -8
 
@@ -71,9 +71,9 @@ def test_int4_keeps_one_packed_copy_and_dequantizes_it_exactly(monkeypatch, N):
     """The prefill weight is expanded from torch's own packed nibbles (no second copy):
     each weight is (q - 8)·scale + zero in fp32, rounded once to bf16. Packing in row
     blocks gives the bytes of one whole-matrix call."""
-    from septet import quant
+    from septet.inference.quant import layers
 
-    monkeypatch.setattr(quant, "_ROWS_PER_BLOCK", 128)
+    monkeypatch.setattr(layers, "_ROWS_PER_BLOCK", 128)
     K, G = 64, 32
     w, _ = _weight(N, K)
     layer = Int4Linear(w, group_size=G)
@@ -179,7 +179,7 @@ def test_refined_head_recomputes_its_top_logits_in_fp32(head, dtype):
 def test_refined_head_in_chunks_and_untied(monkeypatch):
     """Many rows are refined a chunk at a time (same values); an untied int8 head refines
     from its own int8 rows (exact arithmetic on the quantised weights)."""
-    from septet import refined_head
+    from septet.inference.quant import head as refined_head
 
     emb, x = _near_tie_head(seed=1)
     fast = quantize_linear(emb.weight, "int8")

@@ -16,13 +16,14 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 import septet  # noqa: E402
-from septet import quant  # noqa: E402
-from septet.checkpoints.convert import build_on_meta, export, load_any  # noqa: E402
+from septet.inference import quant  # noqa: E402
+from septet.checkpoints.convert import export, load_any  # noqa: E402
+from septet.models import build_on_meta  # noqa: E402
 from septet.checkpoints.gguf import load_gguf  # noqa: E402
 from septet.errors import CheckpointError  # noqa: E402
 from septet.models import build  # noqa: E402
-from septet.quant import quantize_model  # noqa: E402
-from septet.quant_load import QuantizeOnLoad  # noqa: E402
+from septet.inference.quant import quantize_model  # noqa: E402
+from septet.inference.quant.on_load import QuantizeOnLoad  # noqa: E402
 from septet.tokenizer import Tokenizer  # noqa: E402
 from test_gguf import TEXT, _tiny_model, _write_gguf  # noqa: E402
 
@@ -61,9 +62,10 @@ def _assert_same_model(a, b):
 def test_streamed_gguf_equals_quantize_after_load(tmp_path, tiny_tok, mode, tied, dtype):
     path = _write_gguf(tmp_path / "tiny.gguf", _tiny_model(300, tied), tiny_tok, Q.Q8_0)
     lm = septet.load(str(path), quant=mode, dtype=dtype)
-    assert lm.model._quant == mode and lm.model._inference_ready
+    assert lm.model.inference_ready
+    assert all(isinstance(b.attn.qkv_proj, quant.QuantLinear) for b in lm.model.blocks)
     assert not any(p.requires_grad for p in lm.model.parameters())
-    assert (lm.model._modules.get("quant_head") is not None) == tied
+    assert (getattr(lm.model, "quant_head", None) is not None) == tied
     _assert_same_model(lm.model, _after_load(load_gguf(path, dtype=dtype), mode, dtype))
     # and it still talks: greedy generation through the quantised layers
     assert isinstance(lm.generate("it was", max_new_tokens=4, temperature=0), str)
@@ -83,8 +85,8 @@ def test_streamed_septet_checkpoint_equals_quantize_after_load(tmp_path, tiny_to
 def test_streamed_other_families_equal_quantize_after_load(tmp_path, preset, mode):
     """Every family's units (blocks with MoE experts, PaLM's tied head scale, biases) come
     out as quantize_model makes them."""
-    from septet.config import get_preset
-    from septet.train.checkpoint import save_checkpoint
+    from septet.models import get_preset
+    from septet.checkpoints.native import save_checkpoint
 
     cfg = get_preset(preset).config.replace(n_layer=2)
     torch.manual_seed(0)
@@ -211,7 +213,7 @@ def test_int4_fallback_without_known_packing_is_identical(monkeypatch):
     x = torch.randn(40, 64, generator=torch.Generator().manual_seed(1))
     fast = quant.Int4Linear(w)
     assert not hasattr(fast, "nibbles")
-    monkeypatch.setattr(quant, "_int4_layout", lambda: None)
+    monkeypatch.setattr(quant.layers, "_int4_layout", lambda: None)
     slow = quant.Int4Linear(w)
     assert slow.nibbles.shape == (80, 32)
     assert torch.equal(fast.qweight, slow.qweight)

@@ -162,12 +162,12 @@ def test_the_chat_page_is_served(server):
 
 
 def test_a_failing_generation_is_a_500_and_the_server_keeps_serving(server, monkeypatch):
-    from septet.serve import batcher
+    from septet.serve import scheduler
 
     def boom(*args):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(batcher.Batcher, "_emit", staticmethod(boom))
+    monkeypatch.setattr(scheduler.Scheduler, "_emit", staticmethod(boom))
     status, payload = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 3})
     assert status == 500 and "RuntimeError: kernel exploded" in json.loads(payload)["error"]["message"]
     status, payload = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 3, "stream": True})
@@ -180,21 +180,21 @@ def test_requests_decoded_together_get_what_each_gets_alone(lm):
     """The batch path itself (run synchronously): rows of different lengths, budgets and
     stop strings, one row dropped when its client leaves; every other row's text is the one
     `septet.generate` gives for that prompt alone."""
-    from septet.generate import Sampling
-    from septet.serve.batcher import Batcher, Job
+    from septet.inference import Sampling
+    from septet.serve.scheduler import Job, Scheduler
     from septet.serve.openai import Request
 
-    batcher = Batcher(lm)  # its worker idles on the empty queue; the batch runs here
+    scheduler = Scheduler(lm)  # its worker idles on the empty queue; the batch runs here
     prompts = ["To be, or not to be", "My lord", "What is the king doing in the garden today", "O"]
     budgets = [12, 5, 9, 12]
-    jobs = [Job(Request(lm._prompt_ids(p), Sampling(max_new_tokens=n, temperature=0), (), False, False))
+    jobs = [Job(Request(lm.prompt_ids(p), Sampling(max_new_tokens=n, temperature=0), (), False, False))
             for p, n in zip(prompts, budgets)]
     alone_free = lm.generate(prompts[3], max_new_tokens=12, temperature=0)
     stop = alone_free.strip()[:2]
     jobs[3].req.stop = (stop,)
-    gone = Job(Request(lm._prompt_ids("Hamlet"), Sampling(max_new_tokens=12, temperature=0), (), False, False))
+    gone = Job(Request(lm.prompt_ids("Hamlet"), Sampling(max_new_tokens=12, temperature=0), (), False, False))
     gone.close()
-    batcher._serve(jobs + [gone])
+    scheduler._serve(jobs + [gone])
     for job, p, n in zip(jobs[:3], prompts, budgets):
         assert "".join(job) == lm.generate(p, max_new_tokens=n, temperature=0), p
         assert job.finish_reason in ("length", "stop")
@@ -229,76 +229,43 @@ def test_an_unasked_budget_fits_the_context(server, lm):
 
 
 def test_a_request_arriving_mid_batch_joins_it_and_gets_what_it_gets_alone(lm):
-    from septet.generate import Sampling
-    from septet.serve.batcher import Batcher, Job
+    from septet.inference import Sampling
+    from septet.serve.scheduler import Job, Scheduler
     from septet.serve.openai import Request
 
     def job(prompt: str, n: int) -> Job:
-        return Job(Request(lm._prompt_ids(prompt), Sampling(max_new_tokens=n, temperature=0), (), False, False))
+        return Job(Request(lm.prompt_ids(prompt), Sampling(max_new_tokens=n, temperature=0), (), False, False))
 
-    batcher = Batcher(lm)  # its worker idles on the empty queue; the batch runs here
+    scheduler = Scheduler(lm)  # its worker idles on the empty queue; the batch runs here
     first = job("What is the king doing in the garden today", 6)
     late = job("My lord", 20)  # shorter than the batch's history: joins, and needs more slots
     too_long = job("O " * 40, 4)  # longer than the history when it arrives: waits for the next batch
-    batcher._waiting += [late, too_long]
-    batcher._serve([first])
-    assert batcher.stats["joined"] == 1 and batcher._waiting == [too_long]
+    scheduler._waiting += [late, too_long]
+    scheduler._serve([first])
+    assert scheduler.stats["joined"] == 1 and scheduler._waiting == [too_long]
     assert "".join(first) == lm.generate("What is the king doing in the garden today", max_new_tokens=6,
                                          temperature=0)
     assert "".join(late) == lm.generate("My lord", max_new_tokens=20, temperature=0)
 
 
-def test_a_joined_row_computes_its_own_logits(lm):
-    """Logit-level check of a join (greedy text can hide a wrong rotary offset on a random
-    model): after joining, and after a decode step, the new row's logits are those of its
-    own sequence run alone without a cache."""
-    import torch
+def test_omitted_sampling_fields_take_the_models_defaults(lm, monkeypatch):
+    from septet.serve.openai import parse_chat, parse_completion
 
-    from septet.generate import Sampling
-    from septet.serve.batcher import Job, _Batch
-    from septet.serve.openai import Request
-
-    def job(ids: list[int], n: int) -> Job:
-        return Job(Request(ids, Sampling(max_new_tokens=n, temperature=0), (), False, False))
-
-    model = lm.model
-    with torch.inference_mode():
-        batch = _Batch(lm, [job(list(range(5, 30)), 4)], compile=False)
-        late = list(range(40, 47))
-        batch.join(job(late, 30))  # 7 tokens ending at slot 25; its budget grows the cache
-        torch.testing.assert_close(batch.logits[1], model(torch.tensor([late]))[0, -1], rtol=1e-4, atol=1e-4)
-        batch.advance([3, 99])
-        torch.testing.assert_close(batch.logits[1], model(torch.tensor([late + [99]]))[0, -1], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(batch.logits[0], model(torch.tensor([list(range(5, 30)) + [3]]))[0, -1],
-                                   rtol=1e-4, atol=1e-4)
+    chat = {"messages": [{"role": "user", "content": "Speak"}]}
+    s = parse_chat(chat, lm).sampling
+    assert (s.temperature, s.top_p) == (1.0, 1.0)  # no model defaults: the OpenAI API's
+    monkeypatch.setattr(lm, "generation_defaults", {"temperature": 0.2, "top_p": 0.9}, raising=False)
+    s = parse_chat(chat, lm).sampling
+    assert (s.temperature, s.top_p) == (0.2, 0.9)
+    s = parse_chat({**chat, "temperature": None}, lm).sampling
+    assert s.temperature == 0.2  # null is "not given"
+    s = parse_completion({"prompt": "x", "temperature": 0, "top_p": 0.5}, lm).sampling
+    assert (s.temperature, s.top_p) == (0.0, 0.5)  # explicit values win
 
 
-def test_a_relative_bias_model_is_batched_by_slot_offsets(lm):
-    """LaMDA's T5 bias sees key − query offsets, so its batched rows take slot indices as
-    positions (septet.generate.row_positions), as generate_batch does: rows of different
-    lengths, and one joining mid-batch, get the logits of their sequences run alone."""
-    import torch
+def test_the_chat_page_leaves_sampling_to_the_server():
+    from septet.serve.page import PAGE
 
-    from septet.config import get_preset
-    from septet.generate import Sampling
-    from septet.models import build
-    from septet.serve.batcher import Job, _Batch
-    from septet.serve.openai import Request
-
-    torch.manual_seed(0)
-    cfg = get_preset("lamda-tiny").config.replace(n_layer=2, d_model=32, n_head=2, vocab_size=400, context=160)
-    lamda = LoadedModel(build(cfg).eval(), lm.tokenizer, name="lamda")
-    with torch.no_grad():  # a bias large enough that a wrong offset shows in the logits
-        lamda.model.rel_bias.weight.normal_(0, 2.0)
-
-    def job(ids):
-        return Job(Request(ids, Sampling(max_new_tokens=4, temperature=0), (), False, False))
-
-    a, b, c = list(range(5, 25)), list(range(30, 36)), list(range(50, 58))
-    model = lamda.model
-    with torch.inference_mode():
-        batch = _Batch(lamda, [job(a), job(b)], compile=False)
-        batch.join(job(c))
-        batch.advance([1, 2, 3])
-        for row, ids in zip(batch.logits, (a + [1], b + [2], c + [3])):
-            torch.testing.assert_close(row, model(torch.tensor([ids]))[0, -1], rtol=1e-4, atol=1e-4)
+    script = PAGE.split("<script>")[1].split("</script>")[0]
+    assert "JSON.stringify({messages, stream: true" in script
+    assert "temperature" not in script and "top_p" not in script

@@ -97,7 +97,7 @@ def test_eval_easy_vqa_on_a_vlm_checkpoint(runs, tmp_path, capsys):
 
 
 def test_easy_vqa_on_a_plain_lm_is_a_clear_error(runs, capsys):
-    from septet.eval.tasks import get_task, registered_tasks
+    from septet.eval.catalog import get_task, registered_tasks
 
     assert "easy-vqa" in registered_tasks()
     with pytest.raises(Exception, match="vision-language checkpoint"):

@@ -176,14 +176,14 @@ def _int4_weight(w: torch.Tensor, sz_dtype=torch.bfloat16, round_w=None, group=3
 
 
 def _int8_row_weight(w: torch.Tensor) -> torch.Tensor:
-    from septet.quant import Int8Linear
+    from septet.inference.quant import Int8Linear
 
     return Int8Linear(w).dequantize().float()
 
 
 def _float_model(dtype=torch.float32):
     import septet
-    from septet.generate import optimize_for_inference
+    from septet.inference import optimize_for_inference
 
     lm = septet.load(str(_smol_path()), dtype=dtype)
     optimize_for_inference(lm.model)
@@ -283,7 +283,7 @@ def _real(name: str):
         m.quant_head = _DenseHead(w)
         return m
     if name.startswith("int4:"):  # int4:dtype=bf16,head=int4,refine=16
-        from septet.quant import RefinedHead, quantize_linear
+        from septet.inference.quant import RefinedHead, quantize_linear
 
         opts = dict(kv.split("=") for kv in name[5:].split(",") if kv)
         dtype = {"fp32": torch.float32, "bf16": BF}[opts.get("dtype", "fp32")]
@@ -460,12 +460,12 @@ def head_ms(model, reps: int = 50) -> float:
 
 
 def speed(args) -> None:
-    from septet.generate import decode_step
+    from septet.inference import decode_step
 
     cache: dict = {}
     models = {name: build_variant(name, cache) for name in args.variants or ["int4"]}
     slots = 256
-    steps = {name: decode_step(m, True, 1, slots) if args.compile else None for name, m in models.items()}
+    steps = {name: decode_step(m, True, slots) if args.compile else None for name, m in models.items()}
     if args.compile:  # compile outside the timed rounds
         for name, m in models.items():
             decode_tps(m, 2, step=steps[name], slots=slots)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..models import build_on_meta
 from . import Loaded
 
 GGUF_MAGIC = b"GGUF"
@@ -518,8 +519,6 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         raise CheckpointError(f"GGUF file '{info.path}': metadata 'general.architecture' is {arch!r}; "
                               "septet loads only 'llama' GGUFs so far")
     config = llama_config(info)
-
-    from .convert import build_on_meta
 
     expected = {k: tuple(v.shape) for k, v in build_on_meta(config).state_dict().items()}
     unknown = [n for n in info.tensors if septet_name(n) is None]

@@ -25,7 +25,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import DecoderConfig, config_from_dict
+from ..config import DecoderConfig
+
+from ..models import config_from_dict
 from ..errors import CheckpointError, ConfigError
 from ..models.gpt3 import GPT3Config
 from ..models.llama import LLaMAConfig

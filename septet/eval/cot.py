@@ -30,7 +30,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from ..errors import DataError, InputError
-from ..generate import Sampling, cache_slots, check_prompt, decode_step, optimize_for_inference, sample_next
+from ..inference import DecodeBatch, Sampling, check_prompt, new_token_budget, optimize_for_inference
 from .metrics import mean_stderr
 
 STOP = ("Q:", "\n\n")  # lm-eval stops at "Q:"; a blank line also ends one answer and saves time
@@ -358,42 +358,33 @@ def generate_cot(model, tokenizer: TextCodec, prompt: list[int], *, sampling: Sa
     through the model in one cached step, so decoding continues after them. Injected tokens
     count towards max_new_tokens."""
     check_prompt(model, len(prompt))
-    budget = min(sampling.max_new_tokens, model.config.context - len(prompt))
+    budget = new_token_budget(model, len(prompt), sampling.max_new_tokens)
     out = CotOutput("", 0)
     if budget <= 0:
         return out
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    cache = model.new_cache(1, cache_slots(model, len(prompt) + budget, sampling.compile))
-    logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[:, -1]
-    step = decode_step(model, sampling.compile, 1, cache.max_len)  # one token at a time
-    pos = len(prompt)  # the next slot
+    batch = DecodeBatch(model, [prompt], max_new_tokens=budget, compile=sampling.compile, sampling=sampling)
     ids: list[int] = []
     text = ""
-    while True:
-        token = sample_next(logits, sampling, generator).item()
+    for (token,) in batch.decode():
         if token in stop_ids:
             break
         ids.append(token)
-        feed = [token]
+        extra: list[int] = []
         text = tokenizer.decode(ids, skip_special_tokens=True)
         if calculator and not any(s in text for s in stop):
             hit = calculator_injection(text)
             extra = tokenizer.encode(hit[1])[:budget - len(ids)] if hit is not None else []
             if extra:
                 ids += extra
-                feed += extra
                 out.injections.append((hit[0], tokenizer.decode(extra)))
                 text = tokenizer.decode(ids, skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
         if cut >= 0 or len(ids) >= budget:
             text = text[:cut] if cut >= 0 else text
             break
-        if len(feed) == 1:
-            logits = step(torch.tensor([feed], device=device), torch.tensor([[pos]], device=device), None, cache)
-        else:  # the calculator's result: several tokens in one eager cached pass
-            logits = model(torch.tensor([feed], device=device), cache=cache, last_only=True)[:, -1]
-        pos += len(feed)
+        if extra:  # the calculator's result: the token and the result in one cached pass,
+            # whose last logits the loop samples from next (instead of the one-token step)
+            batch.extend(torch.tensor([[token] + extra], device=batch.device))
     out.text, out.n_tokens = text, len(ids)
     return out
 

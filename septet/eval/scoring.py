@@ -32,9 +32,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..beam import beam_search, gnmt_penalty
-from ..generate import cache_slots, decode_step, left_pad, row_positions
 from ..errors import InputError
+from ..inference import DecodeBatch, Sampling, beam_search, gnmt_penalty, new_token_budget, optimize_for_inference
 from ..models.base import DecoderLM
 
 BOUNDARIES = ("joint", "separate")
@@ -68,7 +67,7 @@ class Scorer:
         self.batch_size = max(1, batch_size)  # continuation rows per forward pass
         # max elements of one (rows, T, V) logits tensor or of one copied (rows, ...) KV cache
         self.logits_budget = logits_budget
-        self.compile = compile  # greedy decoding through septet.decode's compiled static step
+        self.compile = compile  # greedy decoding through the compiled decode step
         self.context = model.config.context
         self.vocab = model.config.vocab_size
         p = next(model.parameters())
@@ -77,10 +76,8 @@ class Scorer:
     @classmethod
     def from_loaded(cls, lm, *, batch_size: int = 32, compile: bool = False) -> "Scorer":
         """From a `septet.load(...)` result (its weights get packed for inference, as for
-        generation: see septet.generate.optimize_for_inference)."""
-        from ..generate import optimize_for_inference
-
-        tok = lm._need_tokenizer()
+        generation: see septet.inference.optimize_for_inference)."""
+        tok = lm.need_tokenizer()
         optimize_for_inference(lm.model)
         eot = tok.hf.token_to_id(tok.eot_token) if tok.eot_token else None
         prefix = eot if eot is not None else lm.bos_id
@@ -165,18 +162,13 @@ class Scorer:
         """One prefill of G contexts (left-padded), then all R continuations at once."""
         dev = self.device
         ctxs = [list(c) for c, _ in batch]
-        G, P = len(ctxs), max(len(c) for c in ctxs)
-        tokens, pad = left_pad(ctxs, self.device)  # (G, P), (G,)
-        cache = self.model.new_cache(G, P)
-        key_mask = torch.arange(P, device=dev)[None, :] >= pad[:, None]  # (G, P) False on padding
-        any_pad = bool((pad > 0).any())
-        last = self.model(tokens, cache=cache, positions=row_positions(self.model, pad, 0, P),
-                          pad_mask=key_mask if any_pad else None, last_only=True)[:, -1]  # (G, V)
+        prefilled = DecodeBatch(self.model, ctxs, max_new_tokens=0)  # (G, V) next-token logits
+        P = prefilled.pos
         row_group = [g for g, (_, idx) in enumerate(batch) for _ in idx]
         rows = [i for _, idx in batch for i in idx]
         conts = [list(pairs[i][1]) for i in rows]
         lp_first, greedy_first = self._token_logprobs(
-            last[torch.tensor(row_group, device=dev)][:, None],  # (R, 1, V)
+            prefilled.logits[torch.tensor(row_group, device=dev)][:, None],  # (R, 1, V)
             torch.tensor([[c[0]] for c in conts], device=dev))
         results = [(lp_first[r, 0].item(), bool(greedy_first[r, 0])) for r in range(len(rows))]
         L = max(len(c) for c in conts) - 1  # continuation tokens still to feed
@@ -187,8 +179,7 @@ class Scorer:
             step = max(1, self.logits_budget // max(L * self.vocab, cache_row))
             for a in range(0, len(rows), step):
                 part = list(range(a, min(a + step, len(rows))))
-                sums, greedy = self._score_rest(cache, pad, key_mask if any_pad else None,
-                                                [row_group[r] for r in part], [conts[r] for r in part], P)
+                sums, greedy = self._score_rest(prefilled, [row_group[r] for r in part], [conts[r] for r in part])
                 for j, r in enumerate(part):
                     results[r] = (results[r][0] + sums[j], results[r][1] and greedy[j])
         for r, i in enumerate(rows):
@@ -196,13 +187,12 @@ class Scorer:
         if progress:
             progress(len(rows))
 
-    def _score_rest(self, cache, pad, key_mask, row_group, conts, P) -> tuple[list[float], list[bool]]:
+    def _score_rest(self, prefilled: DecodeBatch, row_group: list[int],
+                    conts: list[list[int]]) -> tuple[list[float], list[bool]]:
         """Continuation tokens 2..n of each row, fed after its group's cached context."""
         dev = self.device
         R, L = len(conts), max(len(c) for c in conts) - 1
-        sel = torch.tensor(row_group, device=dev)
-        big = self.model.new_cache(R, P + L)
-        big.copy_prefix(cache, sel, P)  # one copy of the context per choice
+        rows = prefilled.fork(row_group, extra_slots=L)  # one copy of the context per choice
         inp = torch.zeros(R, L, dtype=torch.long, device=dev)  # right-padded: causal, so harmless
         tgt = torch.zeros(R, L, dtype=torch.long, device=dev)
         valid = torch.zeros(R, L, dtype=torch.bool, device=dev)
@@ -211,11 +201,7 @@ class Scorer:
             inp[r, :n] = torch.tensor(c[:-1])
             tgt[r, :n] = torch.tensor(c[1:])
             valid[r, :n] = True
-        mask = None
-        if key_mask is not None:
-            mask = torch.cat([key_mask[sel], torch.ones(R, L, dtype=torch.bool, device=dev)], 1)
-        logits = self.model(inp, cache=big, positions=row_positions(self.model, pad[sel], P, L),
-                            pad_mask=mask)  # (R, L, V)
+        logits = rows.extend(inp, all_logits=True)  # (R, L, V)
         lp, greedy = self._token_logprobs(logits, tgt)  # (R, L) each
         sums = (lp * valid).sum(-1)
         all_greedy = (greedy | ~valid).all(-1)
@@ -278,26 +264,19 @@ class Scorer:
         return outs
 
     def _greedy_batch(self, prompts, stop, max_new_tokens, done) -> list[str]:
-        dev = self.device
         B, P = len(prompts), max(len(p) for p in prompts)
         if P >= self.context:
             raise InputError(f"prompt of {P} tokens leaves no room in the model's context of "
                              f"{self.context}; use fewer shots")
-        n_new = min(max_new_tokens, self.context - P)
-        tokens, pad = left_pad(prompts, self.device)
-        S = cache_slots(self.model, P + n_new, self.compile)
-        cache = self.model.new_cache(B, S)
-        key_mask = torch.arange(S, device=dev)[None, :] >= pad[:, None]  # (B, S)
-        decode = decode_step(self.model, self.compile, B, S)
-        any_pad = bool((pad > 0).any())
-        logits = self.model(tokens, cache=cache, positions=row_positions(self.model, pad, 0, P),
-                            pad_mask=key_mask[:, :P] if any_pad else None, last_only=True)[:, -1]
-        new: list[list[int]] = [[] for _ in range(B)]
         texts = [""] * B
+        if new_token_budget(self.model, P, max_new_tokens) == 0:
+            return texts
+        batch = DecodeBatch(self.model, prompts, max_new_tokens=max_new_tokens, compile=self.compile,
+                            sampling=Sampling(max_new_tokens=max_new_tokens, temperature=0.0))
+        new: list[list[int]] = [[] for _ in range(B)]
         finished = [False] * B
-        for step in range(n_new):
-            nxt = logits.argmax(-1)  # (B,)
-            for r, t in enumerate(nxt.tolist()):
+        for step, tokens in enumerate(batch.decode()):
+            for r, t in enumerate(tokens):
                 if finished[r]:
                     continue
                 if t in self.stop_ids:
@@ -310,10 +289,8 @@ class Scorer:
                     texts[r], finished[r] = cut, True
                 elif done is not None and done(texts[r]):
                     finished[r] = True
-            if all(finished) or step == n_new - 1:
+            if all(finished) or step == batch.budget - 1:
                 break
-            logits = decode(nxt[:, None], row_positions(self.model, pad, P + step, 1),
-                            key_mask if any_pad else None, cache)
         return texts
 
     @torch.inference_mode()
@@ -321,23 +298,17 @@ class Scorer:
                     stop: Sequence[str] = (), max_new_tokens: int = 32) -> str:
         """The best continuation under beam search (GPT-3 §3 free-form tasks: beam 4, α 0.6).
 
-        septet.beam's search with GNMT's length penalty lp(n) = ((5 + n) / 6)^α (Wu et al.
+        septet.inference.beam's search with GNMT's length penalty lp(n) = ((5 + n) / 6)^α (Wu et al.
         2016), the form T5 and GPT-3 cite. A hypothesis ends at an end-of-text token or when
         its text contains a stop string (the text is cut there)."""
         prompt = self.context_ids(context)
         if len(prompt) >= self.context:
             raise InputError(f"prompt of {len(prompt)} tokens leaves no room in the model's context "
                              f"of {self.context}; use fewer shots")
-        n_new = min(max_new_tokens, self.context - len(prompt))
-        cache = self.model.new_cache(1, len(prompt) + n_new)  # grows to `beams` rows on reorder
-        first = self.model(torch.tensor([prompt], device=self.device), cache=cache,
-                           last_only=True)[:, -1]  # (1, V)
-
-        def step(tokens: torch.Tensor) -> torch.Tensor:
-            return self.model(tokens, cache=cache, last_only=True)[:, -1]
-
+        batch = DecodeBatch(self.model, [prompt], max_new_tokens=max_new_tokens)  # K rows once split
         ends = (lambda seq: _cut_at_stop(self.decode(seq), stop) is not None) if any(stop) else None
-        ids = beam_search(first, step, cache.reorder, beams=beams, max_new_tokens=n_new,
+        ids = beam_search(batch.logits, lambda tokens: batch.step(tokens[:, 0]), batch.keep,
+                          beams=beams, max_new_tokens=batch.budget,
                           stop_ids=set(self.stop_ids), length_penalty=gnmt_penalty(length_penalty), ends=ends)
         text = self.decode(ids)
         cut = _cut_at_stop(text, stop)

@@ -193,39 +193,18 @@ def register_task_family(prefix: str, loader: Callable[[str], object], descripti
     _FAMILIES[prefix] = (loader, f"{prefix}:{argument}", description)
 
 
-def _load_builtin() -> None:
-    # imported on first use, not at module import: registry_tasks imports this module
-    from . import registry_tasks  # noqa: F401
-    from ..vlm import eval_task  # noqa: F401  (easy-vqa, for VLM checkpoints)
+def registered() -> tuple[dict[str, tuple[Callable[[], object], str]],
+                        dict[str, tuple[Callable[[str], object], str, str]]]:
+    """The tasks registered so far, (names, families); septet.eval.catalog registers the
+    built-in ones and looks names up."""
+    return dict(_REGISTRY), dict(_FAMILIES)
 
 
-def registered_tasks() -> dict[str, str]:
-    _load_builtin()
-    names = {name: desc for name, (_, desc) in _REGISTRY.items()}
-    names.update({shown: desc for _, shown, desc in _FAMILIES.values()})
-    return dict(sorted(names.items()))
-
-
-def get_task(spec: str):
-    """What `--task` names: a registered name or PREFIX:ARG, bigbench:NAME[/SUB], a task.json
-    or a .jsonl."""
-    _load_builtin()
-    if spec in _REGISTRY:
-        return _REGISTRY[spec][0]()
-    prefix, colon, arg = spec.partition(":")
-    if colon and prefix in _FAMILIES:
-        return _FAMILIES[prefix][0](arg)
-    if spec.startswith("bigbench:"):
-        from .bigbench import load_bigbench
-
-        return load_bigbench(spec[len("bigbench:"):])
-    p = Path(spec)
-    if p.suffix == ".jsonl":
-        return load_jsonl(p)
-    if p.name == "task.json" or p.suffix == ".json" or (p.is_dir() and (p / "task.json").is_file()):
-        from .bigbench import load_bigbench_path
-
-        return load_bigbench_path(p)
-    known = ", ".join(registered_tasks()) or "none"
-    raise InputError(f"unknown task {spec!r}: not a registered task ({known}), not bigbench:NAME, "
-                     "and not a .jsonl or task.json path")
+def parse_shots(text: str) -> list[int]:
+    try:
+        shots = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--shots {text!r}: expected comma-separated counts like 0,1,5") from None
+    if not shots or any(k < 0 for k in shots):
+        raise InputError(f"--shots {text!r}: expected non-negative counts like 0,1,5")
+    return sorted(set(shots))

@@ -16,8 +16,9 @@ from torch import nn
 
 from ..config import DecoderConfig
 from ..errors import InputError
-from ..nn.attention import AttnContext, KVCache
+from ..nn.attention import Attention, AttnContext, KVCache
 from ..nn.fused import CrossEntropyZLoss
+from ..nn.mlp import GatedMLP
 from ..nn.moe import MoE
 
 
@@ -53,6 +54,23 @@ class DecoderLM(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def logit_scale(self) -> float:
+        """What a tied head multiplies its embedding products by (PaLM: 1/√d)."""
+        return 1.0
+
+    def row_positions(self, pad: torch.Tensor, start: int, T: int) -> torch.Tensor:
+        """Positions of cache slots [start, start + T) for rows left-padded by `pad` (B,):
+        each row's own, (B, T), so a padded row computes what it would alone."""
+        slots = torch.arange(start, start + T, device=pad.device)
+        return (slots[None, :] - pad[:, None]).clamp(min=0)
+
+    def exact_under_key_mask(self, n_slots: int) -> bool:
+        """Whether one query attending to all `n_slots` cache slots under a key mask computes
+        what the causal forward does (a static-shape decode step relies on it): not for a
+        layer whose window is shorter than the cache."""
+        return all(m.window is None or m.window >= n_slots for m in self.modules() if isinstance(m, Attention))
 
     # --- shared -------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
@@ -100,16 +118,33 @@ class DecoderLM(nn.Module):
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (B, T, C) -> logits (B, T, V)."""
         quant = self._modules.get("quant_head")
-        if quant is not None:  # a quantised copy of a tied head (septet.quant)
+        if quant is not None:  # a quantised copy of a tied head (set_quantized_head)
             return quant(x)
         return self.logits(x)
 
+    # --- inference ------------------------------------------------------------------
+    inference_ready = False  # True once prepare_for_inference has run
+
+    def prepare_for_inference(self) -> None:
+        """Pack each attention's q/k/v and each gated MLP's gate/up into one layer, once, and
+        freeze the model: it is inference-only from here (its state_dict keys change)."""
+        if self.inference_ready:
+            return
+        pack_for_inference(self)
+        self.eval()
+        self.requires_grad_(False)
+        self.inference_ready = True
+
+    def set_quantized_head(self, head: nn.Module) -> None:
+        """Compute a tied head's logits with `head` (a quantised copy of the embedding)."""
+        self.quant_head = head
+
     def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> KVCache:
+                  device: torch.device | str | None = None, cache_cls: type[KVCache] = KVCache) -> KVCache:
         c = self.config
         p = next(self.parameters())
-        return KVCache(c.n_layer, batch, c.n_kv_head, max_len or c.context, c.d_head,
-                       dtype=dtype or p.dtype, device=device or p.device)
+        return cache_cls(c.n_layer, batch, c.n_kv_head, max_len or c.context, c.d_head,
+                         dtype=dtype or p.dtype, device=device or p.device)
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
@@ -139,6 +174,16 @@ class DecoderLM(nn.Module):
         if coef:
             aux = coef * sum(m.balance_loss for m in self.moe_layers()) / max(1, len(self.moe_layers()))
         return LossParts(total=ce + z + aux, ce=ce, z=z, aux=aux)
+
+
+def pack_for_inference(module: nn.Module) -> None:
+    """Pack q/k/v and gate/up of every attention and gated MLP inside `module` (a model, or
+    one block of it while a checkpoint streams in)."""
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.pack_qkv()
+        elif isinstance(m, GatedMLP):
+            m.pack_gate_up()
 
 
 def init_normal(module: nn.Module, std: float = 0.02, residual_std: float | None = None,

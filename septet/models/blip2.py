@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..beam import beam_search
+from ..inference.beam import beam_search
 from ..errors import CheckpointError, ConfigError, InputError
 from ..nn.norms import LayerNorm
 from ..nn.qformer import QFormer, QFormerConfig, itc_mask, itg_mask, itm_mask

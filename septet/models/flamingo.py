@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..beam import beam_search
+from ..inference.beam import beam_search
 from ..errors import ConfigError, InputError
 from ..nn.attention import KVCache
 from ..nn.cross_attention import GatedXAttnDense, image_causal_mask
@@ -116,13 +116,23 @@ class FlamingoCache(KVCache):
         super().__init__(n_layer, batch, n_kv_head, max_len, d_head, dtype=dtype, device=device)
         self.images_seen = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
 
-    def reset(self) -> None:
-        super().reset()
-        self.images_seen.zero_()
+    def reset(self, pos: int = 0) -> None:
+        super().reset(pos)
+        if pos == 0:
+            self.images_seen.zero_()
 
     def reorder(self, rows: torch.Tensor) -> None:
         super().reorder(rows)
         self.images_seen = self.images_seen[rows]
+
+    def select(self, rows: torch.Tensor, max_len: int | None = None) -> "FlamingoCache":
+        out = super().select(rows, max_len)
+        out.images_seen = self.images_seen[rows]
+        return out
+
+    def append_rows(self, other: KVCache) -> None:
+        super().append_rows(other)
+        self.images_seen = torch.cat((self.images_seen, other.images_seen))
 
 
 def as_media(x: torch.Tensor) -> torch.Tensor:

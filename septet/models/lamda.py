@@ -72,6 +72,14 @@ class LaMDA(DecoderLM):
         k_pos = torch.arange(n_keys, device=positions.device)
         return AttnContext(bias=self.rel_bias(positions, k_pos))  # (1|B, H, T, S)
 
+    def row_positions(self, pad: torch.Tensor, start: int, T: int) -> torch.Tensor:
+        # T5 buckets see only key - query offsets, and a left-padded row's offsets between its
+        # own slots are the same as unpadded: the slot indices serve every row, (T,)
+        return torch.arange(start, start + T, device=pad.device)
+
+    def exact_under_key_mask(self, n_slots: int) -> bool:
+        return False  # the bias is computed for the filled keys only (attn_context's n_keys)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.tok_emb.weight.t()  # tied head, (B, T, V)
 

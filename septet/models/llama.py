@@ -29,6 +29,7 @@ from .base import DecoderLM, init_normal
 @dataclass
 class LLaMAConfig(DecoderConfig):
     family = "llama"
+    split_digits = True  # LLaMA §2.1: numbers split into digits
     vocab_size: int = 32000
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0

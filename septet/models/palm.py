@@ -27,6 +27,7 @@ from .base import DecoderLM
 @dataclass
 class PaLMConfig(DecoderConfig):
     family = "palm"
+    split_digits = True  # PaLM §2: SentencePiece with digits split
     vocab_size: int = 256000
     n_kv_head: int = 1
     d_head: int = 256
@@ -67,8 +68,12 @@ class PaLM(DecoderLM):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=m.in_features ** -0.5)
 
+    @property
+    def logit_scale(self) -> float:
+        return self.config.d_model ** -0.5  # §2: the shared embedding's logits scaled by 1/√d
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.tok_emb.weight.t()) * self.config.d_model ** -0.5  # (B, T, V)
+        return (x @ self.tok_emb.weight.t()) * self.logit_scale  # (B, T, V)
 
 
 # Adafactor (unfactored), lr 1e-2 for 10k steps then 1/√step, clip 1.0; for Adafactor the

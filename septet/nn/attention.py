@@ -8,6 +8,7 @@ computed once per forward pass by the model.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import NamedTuple
 
@@ -15,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
-from .fused import linear_cat, should_fuse
+from .fused import linear_cat, pack_linears, should_fuse
 from .positions import apply_rope
 
 
@@ -36,8 +36,12 @@ class KVCache:
 
     `pos` is the number of filled slots; a model forward writes its T new entries at
     [pos, pos + T) in every layer, then advances `pos` once. Layers get separate tensors
-    (not views of one (L, ...) tensor) so a compiled decode step can update each in place
-    (septet.decode); writing through a view of a shared base makes the compiler copy it.
+    (not views of one (L, ...) tensor) so a compiled decode step can update each in place;
+    writing through a view of a shared base makes the compiler copy it.
+
+    The cache owns its row operations (reorder, select, append, grow): nobody else replaces
+    its tensors. `attend_one` is where a subclass may put a faster exact kernel for one
+    query over a padded cache (septet.inference.engine does); here it declines.
     """
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, d_head: int,
@@ -47,6 +51,10 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.max_len = max_len
         self.pos = 0
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + k.shape[2]
@@ -60,19 +68,51 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.pos += n
 
-    def reset(self) -> None:
-        self.pos = 0
+    def reset(self, pos: int = 0) -> None:
+        """Forget every slot from `pos` on (they are overwritten by the next writes)."""
+        self.pos = pos
+
+    def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   pad_mask: torch.Tensor) -> torch.Tensor | None:
+        """One query per row, q (B, H, 1, D), over keys k, v (B, H_kv, S, D) of which
+        `pad_mask` (B, S) marks the real ones -> (B, H, 1, D), or None for "use SDPA"."""
+        return None
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep batch rows `rows` (R,) in that order, e.g. beam search's survivors."""
+        """Keep batch rows `rows` (R,) in that order (repeats allowed: beam search's survivors)."""
         self.k = [t[rows] for t in self.k]
         self.v = [t[rows] for t in self.v]
 
-    def copy_prefix(self, src: "KVCache", rows: torch.Tensor, n: int) -> None:
-        """Fill this cache's first `n` slots from rows `rows` (R,) of `src`; pos becomes n."""
-        for dst, s in zip(self.k + self.v, src.k + src.v):
-            dst[:, :, :n] = s[rows, :, :n]
-        self.pos = n
+    def select(self, rows: torch.Tensor, max_len: int | None = None) -> "KVCache":
+        """A new cache of `max_len` slots (default: this one's) holding rows `rows` (R,) of this
+        one's filled slots, at the same `pos`."""
+        n = max_len or self.max_len
+        if n < self.pos:
+            raise ValueError(f"a cache of {n} slots cannot hold {self.pos} filled ones")
+        out = copy.copy(self)
+        shape = lambda t: (len(rows), t.shape[1], n, t.shape[3])  # noqa: E731
+        out.k = [t.new_zeros(shape(t)) for t in self.k]
+        out.v = [t.new_zeros(shape(t)) for t in self.v]
+        for dst, src in zip(out.k + out.v, self.k + self.v):
+            dst[:, :, :self.pos] = src[rows, :, :self.pos]
+        out.max_len = n
+        return out
+
+    def grow(self, max_len: int) -> None:
+        """Make room for `max_len` slots in every row (new slots are empty)."""
+        extra = max_len - self.max_len
+        if extra > 0:
+            self.k = [torch.cat((t, t.new_zeros(*t.shape[:2], extra, t.shape[3])), dim=2) for t in self.k]
+            self.v = [torch.cat((t, t.new_zeros(*t.shape[:2], extra, t.shape[3])), dim=2) for t in self.v]
+            self.max_len = max_len
+
+    def append_rows(self, other: "KVCache") -> None:
+        """Add `other`'s rows after this cache's; both have the same slots and `pos`."""
+        if other.max_len != self.max_len or other.pos != self.pos:
+            raise ValueError(f"cannot append a cache of {other.max_len} slots at {other.pos} to one of "
+                             f"{self.max_len} at {self.pos}")
+        self.k = [torch.cat((a, b)) for a, b in zip(self.k, other.k)]
+        self.v = [torch.cat((a, b)) for a, b in zip(self.v, other.v)]
 
 
 def band_mask(T: int, S: int, q_start: int, window: int | None) -> torch.Tensor:
@@ -117,18 +157,9 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
 
 def dense_band_limit(dtype: torch.dtype) -> int:
     """Up to T = limit x window, one masked dense SDPA beats the blocked kernel's extra copies
-    (measured fwd+bwd on this CPU, window 64: dense/blocked time 0.6-0.9 at T <= 4w in fp32,
-    0.7-0.9 at T <= 8w in bf16; blocked wins beyond, 3.4x at T = 16w in fp32). Below the
-    limit the dense cost T^2 is at most limit x T x window, so attention still grows as
-    T x window."""
+    (docs/benchmarks.md); below the limit the dense cost T^2 is at most limit x T x window,
+    so attention still grows as T x window."""
     return 4 if dtype == torch.float32 else 8
-
-
-def _decode_kernel(q: torch.Tensor) -> bool:
-    """Use septet's decode-attention kernel (septet.kernels): it reads only the filled part
-    of a static cache, where SDPA reads all of it (3-5x faster at 64 of 256 slots)."""
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and not q.requires_grad
-            and kernels.enabled())
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int = 0,
@@ -147,8 +178,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int = 
     window_matters = window is not None and S > window
     if pad_mask is not None:
         if T == 1 and not window_matters:  # decoding: the causal part is all True
-            if bias is None and _decode_kernel(q):
-                return torch.ops.septet.decode_attention(q, k, v, pad_mask, q.shape[-1] ** -0.5)
             mask = pad_mask[:, None, None, :]
         else:
             mask = band_mask(T, S, q_start, window).to(q.device)
@@ -187,8 +216,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_head * d_head, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_head * d_head, bias=bias)
         self.o_proj = nn.Linear(n_head * d_head, d_model, bias=bias)
-        # set by septet.generate.optimize_for_inference: q, k, v packed into one layer
-        self.qkv_proj: nn.Module | None = None
+        self.qkv_proj: nn.Module | None = None  # q, k, v packed into one layer (pack_qkv)
+
+    def pack_qkv(self) -> None:
+        """Pack q, k and v into one layer for inference: one matmul where there were three,
+        without concatenating weights per call. The separate layers are dropped."""
+        if self.qkv_proj is None and isinstance(self.q_proj, nn.Linear):
+            self.qkv_proj = pack_linears([self.q_proj, self.k_proj, self.v_proj])
+            self.q_proj = self.k_proj = self.v_proj = None
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -213,9 +248,14 @@ class Attention(nn.Module):
                 q = apply_rope(q, ctx.cos, ctx.sin, ctx.rope_style)
                 k = apply_rope(k, ctx.cos, ctx.sin, ctx.rope_style)
         q_start = 0
+        y = None
         if cache is not None:
             q_start = cache.pos
             k, v = cache.update(self.layer_idx, k, v)
-        y = attend(q, k, v, q_start=q_start, window=self.window, bias=ctx.bias,
-                   pad_mask=ctx.pad_mask)  # (B, H, T, D)
+            if T == 1 and ctx.pad_mask is not None and ctx.bias is None and \
+                    (self.window is None or k.shape[2] <= self.window):
+                y = cache.attend_one(q, k, v, ctx.pad_mask)
+        if y is None:
+            y = attend(q, k, v, q_start=q_start, window=self.window, bias=ctx.bias,
+                       pad_mask=ctx.pad_mask)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))

@@ -62,3 +62,15 @@ class CrossEntropyZLoss(torch.autograd.Function):
         grad = logp.exp().mul_(row[:, None])
         grad.scatter_add_(1, tgt, (-g_ce * scale)[:, None].to(grad.dtype))
         return grad, None, None
+
+
+def pack_linears(layers: list[nn.Linear]) -> nn.Linear:
+    """One frozen linear layer computing `layers` side by side (outputs concatenated):
+    q/k/v or gate/up packed once for inference."""
+    w = torch.cat([layer.weight.detach() for layer in layers])
+    has_bias = layers[0].bias is not None
+    packed = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device="meta")
+    packed.weight = nn.Parameter(w, requires_grad=False)
+    if has_bias:
+        packed.bias = nn.Parameter(torch.cat([layer.bias.detach() for layer in layers]), requires_grad=False)
+    return packed

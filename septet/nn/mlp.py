@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import pack_linears
+
 
 class GeluMLP(nn.Module):
     """GPT-2/GPT-3: Linear → GELU (tanh approximation, as GPT-2 shipped) → Linear."""
@@ -43,8 +45,13 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
-        # set by septet.generate.optimize_for_inference: gate and up packed into one layer
-        self.gate_up_proj: nn.Module | None = None
+        self.gate_up_proj: nn.Module | None = None  # gate and up packed into one layer (pack_gate_up)
+
+    def pack_gate_up(self) -> None:
+        """Pack gate and up into one layer for inference (one matmul); the two are dropped."""
+        if self.gate_up_proj is None and isinstance(self.gate_proj, nn.Linear):
+            self.gate_up_proj = pack_linears([self.gate_proj, self.up_proj])
+            self.gate_proj = self.up_proj = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:

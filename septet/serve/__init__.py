@@ -1,7 +1,7 @@
 """Serving: an OpenAI-compatible HTTP API and a chat page (`septet serve`)."""
 
 from .http import SeptetServer
-from .batcher import Batcher, Job
+from .scheduler import Job, Scheduler
 from .openai import Request, RequestError, parse_chat, parse_completion
 
-__all__ = ["SeptetServer", "Batcher", "Job", "Request", "RequestError", "parse_chat", "parse_completion"]
+__all__ = ["SeptetServer", "Scheduler", "Job", "Request", "RequestError", "parse_chat", "parse_completion"]

@@ -7,7 +7,7 @@
     POST /v1/chat/completions   messages -> the assistant's message (stream: events)
 
 One model, owned by one worker thread that decodes the requests in flight as one batch
-(septet.serve.batcher: up to --max-batch rows, each with its own sampling and stops; late
+(septet.serve.scheduler: up to --max-batch rows, each with its own sampling and stops; late
 requests join the running batch). A bad request gets HTTP 400 with {"error": {"message",
 "type", "param"}}; a body over 1 MB gets 413; a client that disconnects mid-stream leaves
 the batch.
@@ -23,7 +23,7 @@ from typing import Any, Callable
 from ..api import LoadedModel
 from ..errors import SeptetError
 from . import openai
-from .batcher import Batcher, Job
+from .scheduler import Job, Scheduler
 from .page import PAGE
 
 MAX_BODY = 1 << 20
@@ -57,7 +57,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/":
             self._send(200, PAGE.replace("{{MODEL}}", self.server.model_name).encode(), "text/html; charset=utf-8")
         elif path == "/health":
-            self._json(200, {"status": "ok", "model": self.server.model_name, **self.server.batcher.stats})
+            self._json(200, {"status": "ok", "model": self.server.model_name, **self.server.scheduler.stats})
         elif path == "/v1/models":
             self._json(200, {"object": "list", "data": [
                 {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "septet"}]})
@@ -81,7 +81,7 @@ class _Handler(BaseHTTPRequestHandler):
         except SeptetError as e:  # RequestError, a chat template that rejects the messages, ...
             self._error(400, str(e))
             return
-        job = self.server.batcher.submit(req)
+        job = self.server.scheduler.submit(req)
         if req.stream:
             self._stream(req, job)
             return
@@ -151,7 +151,7 @@ class SeptetServer(ThreadingHTTPServer):
                  model_name: str | None = None, verbose: bool = True, compile: bool = False,
                  max_batch: int = 8):
         self.lm, self.verbose, self.compile = lm, verbose, compile
-        self.batcher = Batcher(lm, max_batch)
+        self.scheduler = Scheduler(lm, max_batch)
         self.model_name = model_name or lm.name or "septet"
         super().__init__((host, port), _Handler)
 

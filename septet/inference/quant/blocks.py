@@ -17,7 +17,7 @@ Two arithmetics (`int8_act`):
   transformers' own).
 Either way the weights are read once for up to 8 rows. With bf16 activations and
 DEQUANT_MIN_ROWS rows or more (a bf16 prefill) they expand the weight to bf16 and use the
-dense (AMX) matmul, ~2.5x faster there and the bf16 model's own rounding anyway. The kernels are torch operators
+dense matmul, faster there and the bf16 model's own rounding anyway. The kernels are torch operators
 (septet/kernels/ops.cpp), so torch.compile keeps each as one call in the compiled decode
 step; build them with `septet.kernels.available()` before constructing these layers.
 """
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
-from ..quant import COMPUTE_DTYPE, DEQUANT_MIN_ROWS, _QuantLinear
+from ...errors import ConfigError
+from .layers import COMPUTE_DTYPE, DEQUANT_MIN_ROWS, QuantLinear
 
 QK = 32
 DENSE_CHUNK = 1 << 21  # weights expanded at a time on the dense (many-row) path: 8 MB in fp32
@@ -37,11 +37,11 @@ def _check_shape(weight: torch.Tensor, what: str) -> tuple[int, int]:
     N, K = weight.shape
     if K % QK:
         raise ConfigError(f"{what} needs in_features divisible by {QK}; a ({N}, {K}) weight is not; "
-                          "use septet.quant.quantize_linear, which falls back to torch's kernels")
+                          "use septet.inference.quant.quantize_linear, which falls back to torch's kernels")
     return N, K
 
 
-class _BlockLinear(_QuantLinear):
+class _BlockLinear(QuantLinear):
     """septet's kernels take fp32 activations; many rows switch to the dequantised dense
     matmul, except under llama.cpp's int8-activation arithmetic (module docstring)."""
 

@@ -1,10 +1,9 @@
 """The output head of a quantised model: a quantised matmul ranks the vocabulary, then
 each row's best logits are recomputed in fp32 from float (or exact int8) weight rows.
 
-Why (septet.quant has the measurements): the head's logits are what top-1 and sampling
-read, and a quantised head's weight error plus its kernel's bf16 output rounding cost
-SmolLM2 3.5 points of top-1 agreement with llama.cpp; recomputing the top 64 in fp32 costs
-~0.4 ms a token and mends both.
+Why: the head's logits are what top-1 and sampling read, and a quantised head's weight
+error plus its kernel's bf16 output rounding cost agreement with llama.cpp; recomputing the
+top few in fp32 is cheap and mends both (figures: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -12,11 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ...errors import ConfigError
 
-# logits recomputed per row by default: any k >= 4 already gives SmolLM2 fp32's top-1
-# agreement with llama.cpp; more also mends the probabilities sampling reads (KL from fp32:
-# 2.6e-3 unrefined, 1.1e-3 at 16, 8.5e-4 at 64; an exact head 6.3e-4) for ~the same cost
+# logits recomputed per row by default: a few already give fp32's top-1; more also mend the
+# probabilities sampling reads, at about the same cost (docs/benchmarks.md)
 REFINE_TOP = 64
 # (rows, k, C) fp32 gathered at a time: ~4 MB (28 rows of a 64 x 576 top)
 _REFINE_CHUNK = 1 << 20
@@ -69,3 +67,20 @@ class RefinedHead(nn.Module):
     def extra_repr(self) -> str:
         src = "tied embedding" if self._rows[0] is not None else "own int8 rows"
         return f"top={self.top} recomputed in fp32 from the {src}"
+
+
+class BlockEmbedding(nn.Module):
+    """A token embedding read from a quantised layer's exact rows (see plan.quantize_tied_head);
+    the layer stays registered where it is (the head), not here."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self._layer = (layer,)
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = layer.out_features, layer.in_features
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._layer[0].rows(tokens).to(self.dtype)  # (..., C)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of the quantised head"

@@ -1,6 +1,6 @@
 """Quantising a model while its checkpoint streams in (`QuantizeOnLoad`), so the float model
-never exists whole: what `septet.load(..., quant=...)` uses. The layers and the whole-model
-path are in septet.quant; the result here is the model `quant.quantize_model` makes."""
+never exists whole: what `septet.load(..., quant=...)` uses. The result is the model
+`plan.quantize_model` makes from the loaded float model, under the same `QuantPlan`."""
 
 from __future__ import annotations
 
@@ -10,17 +10,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, CheckpointError
-from .quant import (BlockEmbedding, RefinedHead, _check_modes, _exact_logits, _quantize_head, _quantize_linears,
-                    _quantize_tied_head, quantize_linear, septet_kernels, weight_mode)
-from .refined_head import REFINE_TOP
+from ...errors import ConfigError, CheckpointError
+from ...models.base import DecoderLM, pack_for_inference
+from .blocks import Q8Linear
+from .layers import weight_mode
+from .plan import (QuantPlan, head_from_exact_rows, quantize_head, quantize_linear, quantize_linears,
+                   quantize_tied_head, septet_kernels)
 
 
 class QuantizeOnLoad:
     """Quantise a model while its checkpoint streams in, one tensor at a time.
 
         model = build(config) on the meta device
-        put = QuantizeOnLoad(model, "int4")
+        put = QuantizeOnLoad(model, QuantPlan("int4"))
         for name, tensor in checkpoint: put(name, tensor)   # names of model.state_dict()
         put.finish()   # the model, as quantize_model(float model, "int4") would leave it
 
@@ -28,7 +30,7 @@ class QuantizeOnLoad:
     (a transformer block), else the module that holds them (the embedding, the final norm,
     an untied head). When a unit's last tensor arrives it is loaded (`assign`: the
     checkpoint's tensors are used without copies), its q/k/v and gate/up are packed as
-    `generate.optimize_for_inference` packs them and its linear layers are quantised, so
+    `DecoderLM.prepare_for_inference` packs them and its linear layers are quantised, so
     only the float weights of units still being read are alive. Tensors that are not
     quantised (embedding, norms) stay as given, cast to `dtype`. Quantisation works per
     output row (int8) or per row and group (int4), so packing before or after it gives
@@ -37,12 +39,9 @@ class QuantizeOnLoad:
     whatever is left at `finish`.)
     """
 
-    def __init__(self, model: nn.Module, mode: str, *, group_size: int = 32,
-                 head: str | None = "int8", refine: int = REFINE_TOP, dtype: torch.dtype | None = None,
+    def __init__(self, model: DecoderLM, plan: QuantPlan | str, *, dtype: torch.dtype | None = None,
                  source: str = ""):
-        self.head_mode = _check_modes(mode, head)
-        self.model, self.mode, self.group_size, self.dtype = model, mode, group_size, dtype
-        self.refine = refine
+        self.model, self.plan, self.dtype = model, QuantPlan.of(plan), dtype
         self.source = source or "checkpoint"
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._unit_of: dict[str, str] = {}
@@ -71,20 +70,16 @@ class QuantizeOnLoad:
         re-quantised from its rounded values instead)."""
         return (key == "tok_emb.weight" and type_name == "Q8_0" and getattr(self.model, "lm_head", None) is None
                 and self.dtype in (None, torch.float32)
-                and self.model.config.family != "palm" and weight_mode(self.head_mode) == "int8"
-                and septet_kernels(self.head_mode, self.group_size, self._shapes[key][1]))
+                and self.model.logit_scale == 1.0 and weight_mode(self.plan.head_mode) == "int8"
+                and septet_kernels(self.plan.head_mode, self.plan.group_size, self._shapes[key][1]))
 
     def _tied_head_from_blocks(self, key: str, blocks: tuple[torch.Tensor, torch.Tensor]) -> None:
-        from .kernels.linear import Q8Linear
-
         qs, d = blocks
         if (qs.shape[0], qs.shape[1] * 32) != self._shapes[key]:
             raise self._error(f"'{key}' has shape {[qs.shape[0], qs.shape[1] * 32]}, the model expects "
                               f"{list(self._shapes[key])}")
-        fast = Q8Linear.from_blocks(qs, d, int8_act=self.head_mode.endswith("-a8"))
-        self.model.tok_emb = BlockEmbedding(fast, self.dtype or torch.float32)
-        top = 0 if _exact_logits(fast) else self.refine  # an fp32 load (takes_blocks)
-        self.model.quant_head = RefinedHead(fast, None, top=top) if top else fast
+        fast = Q8Linear.from_blocks(qs, d, int8_act=self.plan.head_mode.endswith("-a8"))
+        head_from_exact_rows(self.model, fast, self.dtype or torch.float32, self.plan)
 
     def __call__(self, key: str, tensor: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> None:
         unit = self._unit_of.get(key)
@@ -102,7 +97,7 @@ class QuantizeOnLoad:
             raise self._error(f"'{key}' has shape {list(tensor.shape)}, the model expects "
                               f"{list(self._shapes[key])}")
         if tensor.device.type != "cpu":
-            raise ConfigError(f"--quant {self.mode} uses PyTorch's CPU kernels; load the model on the CPU")
+            raise ConfigError(f"--quant {self.plan.mode} uses PyTorch's CPU kernels; load the model on the CPU")
         if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
             tensor = tensor.to(self.dtype)
         self._got.setdefault(unit, {})[key] = tensor
@@ -121,8 +116,6 @@ class QuantizeOnLoad:
                 self._untrimmed = 0
 
     def _finish_unit(self, unit: str, tensors: dict[str, torch.Tensor]) -> None:
-        from .generate import optimize_for_inference
-
         module = self.model.get_submodule(unit)
         n = len(unit) + 1 if unit else 0
         bad = module.load_state_dict({k[n:]: v for k, v in tensors.items()}, strict=False,
@@ -135,33 +128,29 @@ class QuantizeOnLoad:
             parent_name, _, name = unit.rpartition(".")
             parent = self.model.get_submodule(parent_name)
             if parent is self.model and name == "lm_head":
-                layer = _quantize_head(module, self.head_mode, self.group_size, self.refine)
+                layer = quantize_head(module, self.plan)
             else:
-                layer = quantize_linear(module, self.mode, self.group_size)
-            setattr(parent, name, layer)
+                layer = quantize_linear(module, self.plan.mode, self.plan.group_size)
+            parent.set_submodule(name, layer)
             return
-        optimize_for_inference(module)  # packs this unit's q/k/v and gate/up
-        module.__dict__.pop("_inference_ready", None)  # the model's flag, set by finish()
-        _quantize_linears(self.model, module, self.mode, self.head_mode, self.group_size, self.refine)
+        pack_for_inference(module)  # this unit's q/k/v and gate/up
+        quantize_linears(self.model, module, self.plan)
         if module is getattr(self.model, "tok_emb", None):
-            _quantize_tied_head(self.model, self.head_mode, self.group_size, self.refine)
+            quantize_tied_head(self.model, self.plan)
 
-    def finish(self) -> nn.Module:
+    def finish(self) -> DecoderLM:
         """The quantised model, once every tensor has been given."""
-        from .generate import optimize_for_inference
-
         if self._missing:
             keys = sorted(k for ks in self._missing.values() for k in ks)
             raise self._error(f"missing '{keys[0]}' and {len(keys) - 1} more" if len(keys) > 1
                               else f"missing '{keys[0]}'")
         model = self.model
         # packs and quantises whatever no unit did (nothing, for a stack of blocks), and
-        # sets the model's inference flags
-        optimize_for_inference(model)
-        _quantize_linears(model, model, self.mode, self.head_mode, self.group_size, self.refine)
-        if model._modules.get("quant_head") is None:
-            _quantize_tied_head(model, self.head_mode, self.group_size, self.refine)
-        model._quant = self.mode
+        # marks the model inference-only
+        model.prepare_for_inference()
+        quantize_linears(model, model, self.plan)
+        if getattr(model, "quant_head", None) is None:
+            quantize_tied_head(model, self.plan)
         return model
 
 

@@ -1,4 +1,4 @@
-"""A one-token decode step with static shapes, so torch.compile builds one graph for all steps.
+"""The compiled decode step: one token with static shapes, so torch.compile builds one graph for all steps.
 
 The eager decode reads `cache.pos` (a Python int) and attends to the `pos + 1` filled
 slots, so every step has new shapes: under torch.compile that is a recompile or a
@@ -9,21 +9,22 @@ empty and padding slots. Shapes then depend only on (B, S), and inductor can fus
 norms, rotary and residual arithmetic of all layers into a few kernels around the matmuls.
 
 Exact for every model whose attention is a plain causal softmax over the cache (LLaMA,
-PaLM, GPT-4-style, GPT-3's dense layers): masked slots get zero weight. Banded layers
-(GPT-3's local attention) and relative-position bias (LaMDA's T5 buckets) depend on key
-offsets and use the eager step instead (`supports_static_decode`).
+PaLM, GPT-4-style, GPT-3's dense layers): masked slots get zero weight. The model says
+where it is not (`DecoderLM.exact_under_key_mask`: banded layers shorter than the cache,
+LaMDA's relative bias); those use the eager step instead.
 """
 
 from __future__ import annotations
 
-import os
+import weakref
 from typing import Callable
 
 import torch
 
-from . import kernels
-from .models.base import DecoderLM
-from .nn.attention import Attention, KVCache
+from ... import env, kernels
+from ...models.base import DecoderLM
+from ...nn.attention import KVCache
+from ..kv_cache import kernel_attend_one
 
 
 class SlotCache:
@@ -46,15 +47,14 @@ class SlotCache:
     def advance(self, n: int) -> None:  # the caller moves the real cache's pos
         pass
 
+    def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   pad_mask: torch.Tensor) -> torch.Tensor | None:
+        return kernel_attend_one(q, k, v, pad_mask)
+
 
 def supports_static_decode(model: DecoderLM, max_len: int) -> bool:
     """True when attending to all `max_len` slots under a key mask is exact for `model`."""
-    if getattr(model, "rel_bias", None) is not None:
-        return False
-    for m in model.modules():
-        if isinstance(m, Attention) and m.window is not None and m.window < max_len:
-            return False
-    return True
+    return model.exact_under_key_mask(max_len)
 
 
 def _step(model: DecoderLM, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
@@ -122,10 +122,12 @@ class StaticDecoder:
         self.model = model
         self._fn: Callable | None = None
         self._graphs: dict[tuple, _Graph] = {}
-        self.cuda_graphs = os.environ.get("SEPTET_CUDA_GRAPHS", "1") != "0"
+        self.cuda_graphs = env.cuda_graphs_enabled()
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None,
              cache: KVCache) -> torch.Tensor:
+        if key_mask is None:  # every slot is a real key (the filled ones are chosen in _step)
+            key_mask = torch.ones(tokens.shape[0], cache.max_len, dtype=torch.bool, device=tokens.device)
         if self._fn is None:
             if tokens.device.type == "cpu":
                 kernels.enabled()  # decide (and build) before tracing: see kernels.enabled
@@ -150,10 +152,13 @@ class StaticDecoder:
         return logits
 
 
+_DECODERS: "weakref.WeakKeyDictionary[DecoderLM, StaticDecoder]" = weakref.WeakKeyDictionary()
+
+
 def static_decoder(model: DecoderLM) -> StaticDecoder:
-    """The model's StaticDecoder, made once and kept on the model (not as a submodule)."""
-    dec = model.__dict__.get("_static_decoder")
+    """The model's StaticDecoder, made once per model (its compiled graphs are reused by
+    every later generation) and dropped with the model."""
+    dec = _DECODERS.get(model)
     if dec is None:
-        dec = StaticDecoder(model)
-        object.__setattr__(model, "_static_decoder", dec)
+        dec = _DECODERS[model] = StaticDecoder(model)
     return dec

@@ -1,10 +1,9 @@
 """Decode steps of LLaMA-architecture models as one call into septet's C kernels.
 
-At batch 1 a SmolLM2-135M eager step makes ~4,300 aten calls (~140 a layer: norms, rotary,
-cache writes, views, casts, SwiGLU around the matmuls and attention); outside the matmul and
-attention kernels they took 15-38% of the step in two torch profiles. torch.compile removes
-part of it, after a 14-53 s compile (warm / cold inductor cache) that a chat user waits
-through. `septet::llama_decode` (septet/kernels/step.c) runs all layers in one call on
+An eager decode step makes thousands of small aten calls around the matmuls and attention
+(norms, rotary, cache writes, views, casts, SwiGLU), a large share of a small model's step
+(profiles: docs/benchmarks.md); torch.compile removes part of it after a compile that a
+chat user waits through. `septet::llama_decode` (septet/kernels/step.c) runs all layers in one call on
 the same block-weight matmul and attention kernels: the embedding, final norm and head stay
 the model's own modules.
 
@@ -17,25 +16,22 @@ the model's own forward. SEPTET_FUSED_DECODE=0 turns it off.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import kernels
-from .kernels.linear import Q4Linear, Q8Linear
-from .models.base import DecoderLM
-from .nn.attention import KVCache
-from .nn.mlp import SwiGLU
-from .nn.norms import RMSNorm
+from ... import env, kernels
+from ...models.base import DecoderLM
+from ...models.llama import LLaMA, Block
+from ...nn.attention import KVCache
+from ...nn.mlp import SwiGLU
+from ...nn.norms import RMSNorm
+from ..quant.blocks import Q4Linear, Q8Linear
 
 _EMPTY = torch.empty(0)
 
 
 def why_not_fused(model: DecoderLM) -> str | None:
     """None when `FusedDecoder` computes exactly what `model` does, else the reason it does not."""
-    from .models.llama import LLaMA, Block
-
-    if os.environ.get("SEPTET_FUSED_DECODE", "1") == "0":
+    if not env.fused_decode_enabled():
         return "SEPTET_FUSED_DECODE=0"
     if not isinstance(model, LLaMA) or type(model).hidden_states is not DecoderLM.hidden_states:
         return f"{type(model).__name__} is not a plain LLaMA stack"
@@ -49,7 +45,7 @@ def why_not_fused(model: DecoderLM) -> str | None:
         if type(mlp) is not SwiGLU or type(b.attn_norm) is not RMSNorm or type(b.mlp_norm) is not RMSNorm:
             return "a block's MLP or norms differ from LLaMA's"
         if a.window is not None or a.qkv_proj is None or mlp.gate_up_proj is None:
-            return "q/k/v or gate/up are not packed (septet.generate.optimize_for_inference)"
+            return "q/k/v or gate/up are not packed (septet.inference.optimize_for_inference)"
         if b.attn_norm.eps != b.mlp_norm.eps or b.attn_norm.eps != model.blocks[0].attn_norm.eps:
             return "the norms' eps differ between layers"
         for lin in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj):
@@ -74,7 +70,7 @@ class FusedDecoder:
     """step(tokens (B, 1), positions (B, 1), key_mask (B, >= pos + 1) or None, cache) -> (B, V).
 
     Holds references to the model's weight tensors, taken when it is made: make a new one
-    after changing the model's layers (septet.generate makes one per generation)."""
+    after changing the model's layers (the engine makes one per batch)."""
 
     def __init__(self, model: DecoderLM):
         reason = why_not_fused(model)
