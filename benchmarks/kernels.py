@@ -79,7 +79,7 @@ def main() -> None:
                      "int8": (Q8Linear(w), t8), "int8-a8": (Q8Linear(w, int8_act=True), t8)}
             with torch.inference_mode():
                 for kind, (ours, theirs) in pairs.items():
-                    ts, tt = _median_pair(lambda: ours(x), lambda: theirs(xb), reps)
+                    ts, tt = _median_pair(lambda ours=ours, x=x: ours(x), lambda theirs=theirs, xb=xb: theirs(xb), reps)
                     rows.append({"op": f"{kind} {name}", "rows": M, "shape": [N, K], "septet_us": ts * 1e6,
                                  "torch_us": tt * 1e6, "torch_over_septet": tt / ts})
         B, H, Hkv, S, D = M, 9, 3, 256, 64
@@ -87,9 +87,10 @@ def main() -> None:
         mask = torch.zeros(B, S, dtype=torch.bool)
         mask[:, :64] = True
         m4 = mask[:, None, None, :]
-        ts, tt = _median_pair(lambda: torch.ops.septet.decode_attention(q, k, v, mask, D ** -0.5),
-                              lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=m4, enable_gqa=True),
-                              args.reps)
+        ts, tt = _median_pair(
+            lambda q=q, k=k, v=v, mask=mask, D=D: torch.ops.septet.decode_attention(q, k, v, mask, D ** -0.5),
+            lambda q=q, k=k, v=v, m4=m4: F.scaled_dot_product_attention(q, k, v, attn_mask=m4, enable_gqa=True),
+            args.reps)
         rows.append({"op": "attention (64 of 256 slots)", "rows": M, "shape": [H, Hkv, S, D],
                      "septet_us": ts * 1e6, "torch_us": tt * 1e6, "torch_over_septet": tt / ts})
     report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -101,7 +102,8 @@ def main() -> None:
     print(f"{report['date']}  {report['machine']}")
     print("| op | activation rows | septet µs | torch µs | torch / septet |\n|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['op']} | {r['rows']} | {r['septet_us']:.1f} | {r['torch_us']:.1f} | {r['torch_over_septet']:.2f} |")
+        print(f"| {r['op']} | {r['rows']} | {r['septet_us']:.1f} | {r['torch_us']:.1f} "
+              f"| {r['torch_over_septet']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,12 @@ from typing import Iterator
 import torch
 
 from . import assets
-from .models import get_preset, presets
+from .checkpoints.native import latest_checkpoint
 from .errors import CheckpointError, ConfigError, SeptetError
 from .inference import Sampling, generate_batch, generate_ids, optimize_for_inference, stream_text
-from .models import build
+from .models import build, get_preset, presets
 from .models.base import DecoderLM
 from .tokenizer import Tokenizer
-from .checkpoints.native import latest_checkpoint
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 

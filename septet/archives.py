@@ -69,9 +69,11 @@ def extract_members(
                 if kind == "dir" or not wanted(rel.as_posix(), members, exclude):
                     continue
                 if kind != "file":
-                    raise AssetError(f"{archive.name}: member {name!r} is a {kind}, not a regular file; refusing to extract")
+                    raise AssetError(f"{archive.name}: member {name!r} is a {kind}, not a regular file; "
+                                     "refusing to extract")
                 if size > max_file_bytes:
-                    raise AssetError(f"{archive.name}: member {name!r} is {size} bytes, over the {max_file_bytes} limit")
+                    raise AssetError(f"{archive.name}: member {name!r} is {size} bytes, "
+                                     f"over the {max_file_bytes} limit")
                 total += size
                 if total > max_total_bytes:
                     raise AssetError(f"{archive.name}: wanted members exceed {max_total_bytes} bytes in total")

@@ -112,7 +112,9 @@ def render_chat(template: str | None, messages: list[dict], *, add_generation_pr
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template {label} failed: {_one_line(e)}") from None
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError) as e:
-        raise ChatTemplateError(f"chat template {label} failed at {_where(e)}: {type(e).__name__}: {_one_line(e)}") from None
+        raise ChatTemplateError(
+            f"chat template {label} failed at {_where(e)}: {type(e).__name__}: {_one_line(e)}"
+        ) from None
 
 
 def _one_line(e: BaseException) -> str:

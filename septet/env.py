@@ -40,6 +40,12 @@ def cuda_graphs_enabled() -> bool:
     return not _off("SEPTET_CUDA_GRAPHS")
 
 
+def deterministic_training() -> bool:
+    """SEPTET_DETERMINISTIC=0: train without MKL's reproducible mode and deterministic kernels
+    (a resumed or rewound run may then differ from an uninterrupted one in the last bits)."""
+    return not _off("SEPTET_DETERMINISTIC")
+
+
 def offline() -> bool:
     """SEPTET_OFFLINE=1: never download; an asset missing from the cache is an error."""
     return os.environ.get("SEPTET_OFFLINE", "0").strip() not in ("", "0")
@@ -59,5 +65,6 @@ VARIABLES = {
     "SEPTET_KERNELS": kernels_enabled.__doc__,
     "SEPTET_FUSED_DECODE": fused_decode_enabled.__doc__,
     "SEPTET_CUDA_GRAPHS": cuda_graphs_enabled.__doc__,
+    "SEPTET_DETERMINISTIC": deterministic_training.__doc__,
     "SEPTET_BIGBENCH_DIR": bigbench_dir.__doc__,
 }

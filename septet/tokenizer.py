@@ -89,7 +89,8 @@ class Tokenizer:
         file = _resolve(path)
         if not file.is_file():
             raise CheckpointError(
-                f"tokenizer file '{file}' does not exist; pass a tokenizer.json or a checkpoint directory containing one"
+                f"tokenizer file '{file}' does not exist; "
+                "pass a tokenizer.json or a checkpoint directory containing one"
             )
         try:
             text = file.read_text(encoding="utf-8")

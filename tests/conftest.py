@@ -54,8 +54,7 @@ def chat_lm(small_corpus):
     import torch
 
     from septet.api import LoadedModel
-    from septet.config import get_preset
-    from septet.models import build
+    from septet.models import build, get_preset
     from septet.tokenizer import Tokenizer
 
     tok = Tokenizer.train_bpe([small_corpus.read_text()], 400,

@@ -21,8 +21,18 @@ import pytest
 
 import septet.asset_sources as asset_sources
 import septet.assets as assets
-from septet.assets import (MARKER, Asset, AssetUnavailable, GitHubArchive, LocalDir, SourceUnreachable,
-                           extract_members, fetch, get_asset, list_assets)
+from septet.assets import (
+    MARKER,
+    Asset,
+    AssetUnavailable,
+    GitHubArchive,
+    LocalDir,
+    SourceUnreachable,
+    extract_members,
+    fetch,
+    get_asset,
+    list_assets,
+)
 from septet.errors import AssetError
 
 

@@ -70,9 +70,8 @@ def tiny_scorer(bo, harness):  # after `harness`: it skips when BIG-bench is not
 
     from septet import assets
     from septet.api import LoadedModel
-    from septet.models import get_preset
     from septet.eval.scoring import Scorer
-    from septet.models import build
+    from septet.models import build, get_preset
     from septet.tokenizer import Tokenizer
 
     root = assets.fetch("bigbench")

@@ -7,10 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from septet.models import get_preset
-from septet.models import build
-from septet.models.blip2 import (VQA_PROMPT, Blip2, Blip2Config, Blip2Stage1, load_hf_qformer_state_dict,
-                                 sample_hard_negatives)
+from septet.models import build, get_preset
+from septet.models.blip2 import (
+    VQA_PROMPT,
+    Blip2,
+    Blip2Config,
+    Blip2Stage1,
+    load_hf_qformer_state_dict,
+    sample_hard_negatives,
+)
 from septet.nn.qformer import QFormer, QFormerConfig, itc_mask, itg_mask, itm_mask
 
 D_VIS = 24

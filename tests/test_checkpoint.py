@@ -7,11 +7,18 @@ import torch
 from torch import nn
 
 import septet.checkpoints.native as ck
-from septet.errors import CheckpointError
 from septet.checkpoints.native import (
-    capture_rng, checkpoint_dir, flatten_optimizer_state, latest_checkpoint, load_checkpoint,
-    prune_checkpoints, restore_rng, save_checkpoint, unflatten_optimizer_state,
+    capture_rng,
+    checkpoint_dir,
+    flatten_optimizer_state,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng,
+    save_checkpoint,
+    unflatten_optimizer_state,
 )
+from septet.errors import CheckpointError
 from septet.train.optim import build_optimizer
 
 CONFIG = {"family": "llama", "d_model": 6, "betas": [0.9, 0.95]}

@@ -19,7 +19,7 @@ from septet.checkpoints.export_hf import save_hf  # noqa: E402
 from septet.checkpoints.hf import load_hf  # noqa: E402
 from septet.checkpoints.meta import load_meta  # noqa: E402
 from septet.errors import CheckpointError  # noqa: E402
-from septet.models import GPT3, LLaMA, GPT3Config, LLaMAConfig, build  # noqa: E402
+from septet.models import GPT3, GPT3Config, LLaMA, LLaMAConfig, build  # noqa: E402
 from septet.tokenizer import Tokenizer  # noqa: E402
 
 V = 256

@@ -13,12 +13,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from septet.checkpoints.native import load_checkpoint
 from septet.errors import CheckpointError, ConfigError, InputError
-from septet.models.clip import (CLIP, CLIPConfig, TextConfig, TextEncoder, caption_tokenizer, contrastive_loss,
-                                encode_texts, load_clip)
+from septet.models.clip import (
+    CLIP,
+    CLIPConfig,
+    TextConfig,
+    TextEncoder,
+    caption_tokenizer,
+    contrastive_loss,
+    encode_texts,
+    load_clip,
+)
 from septet.models.vision import ViTConfig
 from septet.tokenizer import Tokenizer
-from septet.checkpoints.native import load_checkpoint
 from septet.train.metrics import read_metrics
 from septet.vlm.clip_train import CLIPTrainConfig, CLIPTrainer, train_clip
 

@@ -62,7 +62,8 @@ def read_cases(gguf: Path) -> list[tuple[str, list[int]]]:
 
 
 def test_asset_holds_the_expected_vocabs(llama_cpp_dir):
-    with_refs = sorted(p.name[len("ggml-vocab-"):-len(".gguf.inp")] for p in llama_cpp_dir.glob("ggml-vocab-*.gguf.inp"))
+    with_refs = sorted(p.name[len("ggml-vocab-"):-len(".gguf.inp")]
+                       for p in llama_cpp_dir.glob("ggml-vocab-*.gguf.inp"))
     assert tuple(with_refs) == VOCABS
     assert len(list((llama_cpp_dir / "templates").glob("*.jinja"))) >= 60
 
@@ -71,7 +72,8 @@ def test_asset_holds_the_expected_vocabs(llama_cpp_dir):
 def test_tokenizer_matches_llama_cpp(llama_cpp_dir, name):
     path = llama_cpp_dir / f"ggml-vocab-{name}.gguf"
     meta = read_gguf(path).metadata
-    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default" if meta.get("tokenizer.ggml.model") == "gpt2" else "-")
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get(
+        "tokenizer.ggml.pre", "default" if meta.get("tokenizer.ggml.model") == "gpt2" else "-")
     cases = read_cases(path)
     assert cases
     supported = kind in TOKENIZER_TYPES and (kind != "gpt2" or pre in PRE_TOKENIZERS)
@@ -94,7 +96,8 @@ def test_tokenizer_matches_llama_cpp(llama_cpp_dir, name):
         elif tok.decode(got) != text:
             failures.append(f"{text[:40]!r}: decodes to {tok.decode(got)[:40]!r}")
     print(f"\n{name}: {kind}/{pre} {len(cases) - len(failures)}/{len(cases)} match llama.cpp")
-    assert not failures, f"{name} ({kind}/{pre}): {len(cases) - len(failures)}/{len(cases)} match; " + "; ".join(failures[:5])
+    assert not failures, (f"{name} ({kind}/{pre}): {len(cases) - len(failures)}/{len(cases)} match; "
+                          + "; ".join(failures[:5]))
     assert bos is None or 0 <= bos < tok.vocab_size
     assert all(0 <= e < tok.vocab_size for e in eos) and isinstance(add_bos, bool)
 
@@ -111,7 +114,8 @@ CONVERSATION = [
 # found by the retries below: no system message, tools as a list (tool-use-only templates
 # iterate it unconditionally), or a variable of their own.
 REJECTS_SYSTEM = {"google-gemma-2-2b-it.jinja"}
-NEEDS_TOOL_LIST = {"CohereForAI-c4ai-command-r-plus-tool_use.jinja", "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja",
+NEEDS_TOOL_LIST = {"CohereForAI-c4ai-command-r-plus-tool_use.jinja",
+                   "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja",
                    "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja"}
 NEEDS_VARIABLES = {"fireworks-ai-llama-3-firefunction-v2.jinja": {"datetime", "functions"}}
 _UNDEFINED = re.compile(r"'(\w+)' is undefined")
@@ -138,7 +142,8 @@ def test_every_chat_template_renders(llama_cpp_dir):
     rendered, no_system, tool_list, needs, errors = 0, set(), set(), {}, []
     for path in templates:
         source = path.read_text(encoding="utf-8")
-        variants = [{}] + ([{"enable_thinking": False}, {"enable_thinking": True}] if "enable_thinking" in source else [])
+        variants = [{}] + ([{"enable_thinking": False}, {"enable_thinking": True}]
+                           if "enable_thinking" in source else [])
         try:
             for extra in variants:
                 messages = CONVERSATION

@@ -13,9 +13,8 @@ import socket
 import pytest
 import torch
 
-from septet.models import get_preset
-from septet.inference import Sampling, generate_batch, generate_batch_with_logits, generate_ids, optimize_for_inference
-from septet.models import build
+from septet.inference import Sampling, generate_batch_with_logits, generate_ids, optimize_for_inference
+from septet.models import build, get_preset
 from septet.train.optim import build_optimizer
 
 pytestmark = [pytest.mark.cuda,

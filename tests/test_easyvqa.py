@@ -10,8 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from septet.data.easyvqa import (COLOURS, EXPECTED, FILL, N_ANSWERS, RGB, SHAPES, EasyVQA, _consistent,
-                                 feature_cache, pixel_attributes)
+from septet.data.easyvqa import (
+    COLOURS,
+    EXPECTED,
+    FILL,
+    N_ANSWERS,
+    RGB,
+    SHAPES,
+    EasyVQA,
+    _consistent,
+    feature_cache,
+    pixel_attributes,
+)
 from septet.data.images import Preprocess
 from septet.errors import DataError
 

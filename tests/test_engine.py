@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from septet.models import get_preset
 from septet.errors import InputError
 from septet.inference import DecodeBatch, Sampling
-from septet.models import build
+from septet.models import build, get_preset
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 

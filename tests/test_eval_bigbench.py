@@ -16,8 +16,14 @@ import pytest
 from septet.errors import DataError, InputError
 from septet.eval import bigbench
 from septet.eval.bigbench import load_bigbench_path, queries
-from septet.eval.metrics import (DEFAULT_REGEX, bigbench_argmax, exact_str_match, multiple_choice_grade,
-                                 postprocess, regex_is_line_bound)
+from septet.eval.metrics import (
+    DEFAULT_REGEX,
+    bigbench_argmax,
+    exact_str_match,
+    multiple_choice_grade,
+    postprocess,
+    regex_is_line_bound,
+)
 from septet.eval.scoring import LogLik
 
 MC = {"canary": "c", "name": "toy_mc", "description": "d", "keywords": ["k"],

@@ -12,16 +12,14 @@ import pytest
 import torch
 
 from septet.api import LoadedModel
-from septet.models import get_preset
 from septet.errors import DataError, InputError
 from septet.eval import fewshot
-from septet.eval.metrics import (choice_scores, exact_match, mean_stderr, normalize_answer,
-                                 token_f1, accuracy)
+from septet.eval.catalog import get_task
+from septet.eval.metrics import accuracy, choice_scores, exact_match, mean_stderr, normalize_answer, token_f1
 from septet.eval.report import Row, markdown_table, write_report
 from septet.eval.scoring import Scorer
-from septet.eval.catalog import get_task
 from septet.eval.tasks import Doc, Task, TaskConfig, load_jsonl
-from septet.models import build
+from septet.models import build, get_preset
 from septet.tokenizer import Tokenizer
 
 V = 64

@@ -12,11 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from septet.models import get_preset
 from septet.errors import DataError, InputError
 from septet.eval import cot
 from septet.inference import Sampling
-from septet.models import build
+from septet.models import build, get_preset
 
 # ----------------------------------------------------------------------------- exemplars
 

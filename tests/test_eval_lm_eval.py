@@ -18,9 +18,8 @@ lm_eval = pytest.importorskip("lm_eval")
 import torch  # noqa: E402
 
 from septet.api import LoadedModel  # noqa: E402
-from septet.models import get_preset
 from septet.eval.lm_eval_adapter import SeptetLM  # noqa: E402
-from septet.models import build  # noqa: E402
+from septet.models import build, get_preset  # noqa: E402
 from septet.tokenizer import Tokenizer  # noqa: E402
 
 WORDS = "the cat sat on a mat answer paris london rome city capital of france is what yes no".split()

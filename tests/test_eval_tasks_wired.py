@@ -13,11 +13,10 @@ import torch
 import septet.api
 from septet.api import LoadedModel
 from septet.cli import main
-from septet.models import get_preset
 from septet.eval import registry_tasks
-from septet.eval.cot import Example
 from septet.eval.catalog import get_task, registered_tasks
-from septet.models import build
+from septet.eval.cot import Example
+from septet.models import build, get_preset
 from septet.tokenizer import Tokenizer
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from septet.models import get_preset
 from septet.errors import InputError
-from septet.models import build
 from septet.inference.beam import beam_search
+from septet.models import build, get_preset
 from septet.models.flamingo import EOC_TOKEN, IMAGE_TOKEN, Flamingo, FlamingoConfig, add_media_tokens
 from septet.nn.cross_attention import GatedXAttnDense, MaskedCrossAttention, image_causal_mask
 from septet.nn.perceiver import PerceiverResampler

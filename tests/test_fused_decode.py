@@ -10,12 +10,10 @@ import pytest
 import torch
 
 from septet import kernels
-from septet.models import get_preset
-from septet.inference.steps.fused import FusedDecoder, why_not_fused
-from septet.inference import (Sampling, decode_path, decode_step, generate_batch, generate_ids,
-                              optimize_for_inference)
-from septet.models import build
+from septet.inference import Sampling, decode_path, decode_step, generate_batch, generate_ids, optimize_for_inference
 from septet.inference.quant import quantize_model
+from septet.inference.steps.fused import FusedDecoder, why_not_fused
+from septet.models import build, get_preset
 
 
 @pytest.fixture(autouse=True, scope="module")

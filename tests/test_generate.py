@@ -7,12 +7,19 @@ import pytest
 import torch
 
 from septet.api import LoadedModel
-from septet.models import get_preset
-from septet.inference import (Sampling, TextStream, filter_logits, generate_batch, generate_batch_with_logits,
-                              generate_ids,
-                              optimize_for_inference, sample_next, stream_text)
+from septet.inference import (
+    Sampling,
+    TextStream,
+    filter_logits,
+    generate_batch,
+    generate_batch_with_logits,
+    generate_ids,
+    optimize_for_inference,
+    sample_next,
+    stream_text,
+)
 from septet.inference.sampling import apply_repetition_penalty
-from septet.models import build
+from septet.models import build, get_preset
 from septet.tokenizer import Tokenizer
 
 NEG = float("-inf")

@@ -39,7 +39,7 @@ def _tiny_model(vocab: int, tied: bool) -> LLaMA:
                       context=64, rope_theta=5000.0, norm_eps=1e-5, tie_embeddings=tied)
     m = LLaMA(cfg).eval()
     with torch.no_grad():
-        for name, p in m.named_parameters():  # larger than init so layout mistakes show in logits
+        for _name, p in m.named_parameters():  # larger than init so layout mistakes show in logits
             p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 0.2) + (1.0 if p.dim() == 1 else 0.0))
     return m
 
@@ -189,7 +189,8 @@ def test_wrong_architecture_and_tokenizer(tmp_path, tiny_tok):
     with pytest.raises(CheckpointError, match="tokenizer type 'llama'.*not supported yet"):
         load_gguf(p)
     with pytest.raises(CheckpointError, match="pre-tokenizer 'nope'"):
-        tokenizer_from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.pre": "nope"})
+        tokenizer_from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"],
+                             "tokenizer.ggml.pre": "nope"})
 
 
 # ------------------------------------------------------------------------------ malformed
@@ -221,7 +222,8 @@ def _fails_fast(path: Path, match: str | None = None) -> str:
 
 @pytest.fixture(scope="module")
 def good_bytes(tmp_path_factory, tiny_tok) -> bytes:
-    p = _write_gguf(tmp_path_factory.mktemp("good") / "good.gguf", _tiny_model(tiny_tok.vocab_size, True), tiny_tok, Q.Q8_0)
+    p = _write_gguf(tmp_path_factory.mktemp("good") / "good.gguf", _tiny_model(tiny_tok.vocab_size, True),
+                    tiny_tok, Q.Q8_0)
     return p.read_bytes()
 
 
@@ -270,7 +272,8 @@ def test_malformed_files(tmp_path, good_bytes):
 def test_render_chat_chatml_and_errors():
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi ünïcode"}]
     out = render_chat(CHATML_TEMPLATE, msgs)
-    assert out == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi ünïcode<|im_end|>\n<|im_start|>assistant\n"
+    assert out == ("<|im_start|>system\nBe brief.<|im_end|>\n"
+                   "<|im_start|>user\nHi ünïcode<|im_end|>\n<|im_start|>assistant\n")
     assert render_chat(None, msgs, add_generation_prompt=False).endswith("<|im_end|>\n")
     assert render_chat("{{ messages | tojson }}", msgs[:1]) == '[{"role": "system", "content": "Be brief."}]'
     with pytest.raises(ChatTemplateError, match="line 2"):

@@ -18,7 +18,6 @@ from septet.errors import ConfigError
 from septet.inference.quant import BlockEmbedding, Int4Linear, quantize_linear, quantize_model
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _built(septet_home):
     """Build (or find) the kernels under the session's SEPTET_HOME, not at collection time."""
@@ -116,8 +115,8 @@ def test_many_rows_take_the_dequantised_path():
     """From DEQUANT_MIN_ROWS rows (a prefill) the layer multiplies by its dequantised weight
     d·q + m: in bf16 for bf16 rows, in fp32 for fp32 rows; under the int8-activation
     arithmetic fp32 rows always take the kernel (llama.cpp's arithmetic for a prefill too)."""
-    from septet.inference.quant.layers import DEQUANT_MIN_ROWS
     from septet.inference.quant.blocks import Q4Linear
+    from septet.inference.quant.layers import DEQUANT_MIN_ROWS
 
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(48, 64, generator=g), torch.randn(DEQUANT_MIN_ROWS, 64, generator=g)
@@ -173,7 +172,8 @@ def test_decoding_attention_takes_the_kernel(monkeypatch):
     from septet.nn.attention import Attention, AttnContext
 
     g = torch.Generator().manual_seed(5)
-    q, k, v = torch.randn(2, 6, 1, 32, generator=g), torch.randn(2, 2, 40, 32, generator=g), torch.randn(2, 2, 40, 32, generator=g)
+    q, k, v = (torch.randn(2, 6, 1, 32, generator=g), torch.randn(2, 2, 40, 32, generator=g),
+               torch.randn(2, 2, 40, 32, generator=g))
     mask = torch.ones(2, 40, dtype=torch.bool)
     mask[0, :7] = False
     with torch.no_grad():
@@ -242,9 +242,8 @@ def test_compiled_layer_equals_eager():
 
 
 def test_quantize_model_uses_the_kernels_unless_told_not_to(monkeypatch):
-    from septet.models import get_preset
     from septet.inference.quant.blocks import Q4Linear, Q8Linear
-    from septet.models import build
+    from septet.models import build, get_preset
 
     cfg = get_preset("llama-tiny").config.replace(n_layer=1, vocab_size=256)
     torch.manual_seed(0)
@@ -264,9 +263,8 @@ def test_a_tied_embedding_held_exactly_by_the_head_is_read_from_it(monkeypatch):
     """quantize_model: when the int8 head's Q8_0 blocks reproduce the embedding exactly (a
     table that came from Q8_0), the lookup reads them and the float table is dropped, with
     the same embeddings and logits; a table they only approximate stays as it is."""
-    from septet.models import get_preset
     from septet.inference.quant.blocks import Q8Linear
-    from septet.models import build
+    from septet.models import build, get_preset
 
     cfg = get_preset("llama-tiny").config.replace(n_layer=1, vocab_size=96, d_model=64, n_head=4, n_kv_head=2,
                                                   tie_embeddings=True)
@@ -309,8 +307,7 @@ def test_auto_quant_follows_the_file(tmp_path, dtype, want):
     file loads unquantised, an 8-bit one on the int8 layers."""
     from septet.api import native_quant
     from septet.checkpoints.export_gguf import save_gguf
-    from septet.models import get_preset
-    from septet.models import build
+    from septet.models import build, get_preset
 
     torch.manual_seed(0)
     cfg = get_preset("llama-tiny").config.replace(n_layer=1, vocab_size=256, d_model=64, n_head=4,
@@ -342,8 +339,8 @@ def test_the_dense_path_expands_a_large_weight_in_chunks(monkeypatch):
     """Many rows multiply by the dequantised weight a chunk of output rows at a time (a
     49k-row head is not expanded whole); the result is the one-piece product's."""
     from septet.inference.quant import blocks as linear
-    from septet.inference.quant.layers import DEQUANT_MIN_ROWS
     from septet.inference.quant.blocks import Q4Linear, Q8Linear
+    from septet.inference.quant.layers import DEQUANT_MIN_ROWS
 
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(100, 64, generator=g), torch.randn(DEQUANT_MIN_ROWS, 64, generator=g)

@@ -251,7 +251,8 @@ def test_top1_agreement_with_llamacpp(logits):
         a_hf = (ref.argmax(-1) == top).sum().item()
         agree_s_hf += (ours.argmax(-1) == ref.argmax(-1)).sum().item()
         agree_s, agree_hf, n = agree_s + a_s, agree_hf + a_hf, n + len(ids)
-        rows.append(f"    {name:8s} {len(ids):4d} positions  septet {a_s / len(ids):.3f}  transformers {a_hf / len(ids):.3f}")
+        rows.append(f"    {name:8s} {len(ids):4d} positions  septet {a_s / len(ids):.3f}  "
+                    f"transformers {a_hf / len(ids):.3f}")
     s, h = agree_s / n, agree_hf / n
     print("\n(b) top-1 agreement with llama.cpp over", n, "teacher-forced positions:\n" + "\n".join(rows))
     print(f"    total    septet {s:.4f}  transformers {h:.4f}  (margin {MARGIN}); "
@@ -262,7 +263,7 @@ def test_top1_agreement_with_llamacpp(logits):
 
 def test_top_token_logprob_matches_llamacpp(logits):
     diffs, diffs_hf = [], []
-    for ids, ours, theirs, ref in logits.values():
+    for _ids, ours, theirs, ref in logits.values():
         top = theirs.argmax(-1, keepdim=True)
         diffs.append((ours.gather(-1, top) - theirs.gather(-1, top)).abs().flatten())
         diffs_hf.append((ref.gather(-1, top) - theirs.gather(-1, top)).abs().flatten())
@@ -277,8 +278,8 @@ def test_top_token_logprob_matches_llamacpp(logits):
 def int4_logits(smol_path, logits):
     """setting -> {name: (llama.cpp log-probs, septet log-probs)} for the int4 settings."""
     import septet
-    from septet.inference.steps.fused import FusedDecoder
     from septet.inference import decode_step
+    from septet.inference.steps.fused import FusedDecoder
 
     slots = max(len(ids) for ids, *_ in logits.values())
     out: dict[str, dict] = {}

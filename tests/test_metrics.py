@@ -9,7 +9,11 @@ from torch import nn
 
 from septet.errors import DataError
 from septet.train.flops import (
-    Throughput, attention_flops_per_token, matmul_params, measure_matmul_peak, mfu,
+    Throughput,
+    attention_flops_per_token,
+    matmul_params,
+    measure_matmul_peak,
+    mfu,
     model_flops_per_token,
 )
 from septet.train.metrics import MetricsLog, plot_loss_curve, read_metrics

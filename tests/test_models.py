@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from septet.models import config_from_dict, get_preset, presets
 from septet.errors import ConfigError, SeptetError
-from septet.models import (GPT3, GPT3Config, LLaMA, LLaMAConfig, build, describe)
+from septet.models import GPT3, GPT3Config, LLaMAConfig, build, config_from_dict, describe, get_preset, presets
 from septet.nn.moe import MoE
 
 TINY = ["gpt3-tiny", "palm-tiny", "llama-tiny", "lamda-tiny", "gpt4-moe-tiny"]

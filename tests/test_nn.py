@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from septet.nn import attention as attn_mod
-from septet.nn.attention import (Attention, AttnContext, KVCache, attend, band_mask,
-                                 banded_attention, dense_band_limit)
+from septet.nn.attention import Attention, AttnContext, KVCache, attend, band_mask, banded_attention, dense_band_limit
 from septet.nn.mlp import GeGLU, GeluMLP, SquaredReLU, SwiGLU, llama_ffn_dim
 from septet.nn.moe import MoE
 from septet.nn.norms import LayerNorm, RMSNorm
@@ -371,7 +370,7 @@ def test_swiglu_geglu_match_formula():
         _randomise(m, seed=51)
         ref = m.down_proj.weight @ (act(x @ m.gate_proj.weight.T) * (x @ m.up_proj.weight.T))[..., None]
         torch.testing.assert_close(m(x), ref[..., 0], atol=1e-5, rtol=1e-5)
-        assert all(l.bias is None for l in (m.gate_proj, m.up_proj, m.down_proj))
+        assert all(lin.bias is None for lin in (m.gate_proj, m.up_proj, m.down_proj))
     # GeGLU uses the exact (erf) GELU
     m = GeGLU(16, 24)
     _randomise(m, seed=52)

@@ -225,8 +225,8 @@ def test_old_style_train_flags_give_the_same_config():
 
 def test_choices_come_from_their_registries():
     from septet.api import DTYPES
-    from septet.models import presets
     from septet.inference.quant import MODES
+    from septet.models import presets
     from septet.train.schedules import KINDS
     from septet.vlm.infer import ARCHS
 

@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from septet.checkpoints.hf import hf_gpt2_to_septet, hf_llama_to_septet  # noqa: E402
-from septet.models import GPT3, LLaMA, GPT3Config, LLaMAConfig  # noqa: E402
+from septet.models import GPT3, GPT3Config, LLaMA, LLaMAConfig  # noqa: E402
 
 V = 256
 

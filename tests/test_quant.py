@@ -8,11 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from septet.models import get_preset
 from septet.errors import ConfigError
 from septet.inference import Sampling, generate_ids
-from septet.models import build
 from septet.inference.quant import Int4Linear, Int8Linear, RefinedHead, quantize_linear, quantize_model
+from septet.models import build, get_preset
 
 BF16_EPS = 2.0 ** -8
 

@@ -15,17 +15,17 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+from test_gguf import TEXT, _tiny_model, _write_gguf  # noqa: E402
+
 import septet  # noqa: E402
-from septet.inference import quant  # noqa: E402
 from septet.checkpoints.convert import export, load_any  # noqa: E402
-from septet.models import build_on_meta  # noqa: E402
 from septet.checkpoints.gguf import load_gguf  # noqa: E402
 from septet.errors import CheckpointError  # noqa: E402
-from septet.models import build  # noqa: E402
+from septet.inference import quant  # noqa: E402
 from septet.inference.quant import quantize_model  # noqa: E402
 from septet.inference.quant.on_load import QuantizeOnLoad  # noqa: E402
+from septet.models import build, build_on_meta  # noqa: E402
 from septet.tokenizer import Tokenizer  # noqa: E402
-from test_gguf import TEXT, _tiny_model, _write_gguf  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 Q = gguf.GGMLQuantizationType
@@ -85,8 +85,8 @@ def test_streamed_septet_checkpoint_equals_quantize_after_load(tmp_path, tiny_to
 def test_streamed_other_families_equal_quantize_after_load(tmp_path, preset, mode):
     """Every family's units (blocks with MoE experts, PaLM's tied head scale, biases) come
     out as quantize_model makes them."""
-    from septet.models import get_preset
     from septet.checkpoints.native import save_checkpoint
+    from septet.models import get_preset
 
     cfg = get_preset(preset).config.replace(n_layer=2)
     torch.manual_seed(0)

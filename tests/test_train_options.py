@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_train import losses, tiny_run
 
 from septet.train.loop import train
 from septet.train.metrics import read_metrics
-
-from test_train import TINY, losses, tiny_run
 
 FAMILY_TINY = {
     "gpt3-tiny": {"n_layer": 2, "d_model": 64, "n_head": 4, "vocab_size": 512, "context": 64, "window": 16},

@@ -10,8 +10,16 @@ from PIL import Image
 
 from septet.data.images import Preprocess, load_image
 from septet.errors import CheckpointError, DataError, InputError
-from septet.models.vision import (EFFICIENTNET_LITE0_PREPROCESS, IMAGENET_NAMES, EfficientNetLite, ViT, ViTConfig,
-                                  load_efficientnet_lite0, map_efficientnet_state, same_pad)
+from septet.models.vision import (
+    EFFICIENTNET_LITE0_PREPROCESS,
+    IMAGENET_NAMES,
+    EfficientNetLite,
+    ViT,
+    ViTConfig,
+    load_efficientnet_lite0,
+    map_efficientnet_state,
+    same_pad,
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from vlm_fixtures import synthetic_vqa, tiny_lm_dir
 
 from septet.cli import main
 from septet.vlm import data as D
-
-from vlm_fixtures import synthetic_vqa, tiny_lm_dir
 
 TINY = ["--steps", "2", "--stage1-steps", "1", "--warmup", "1", "--vqa-batch", "2", "--caption-batch", "2",
         "--interleaved-batch", "1", "--interleaved-images", "2", "--stage1-batch", "4", "--n-latents", "4",

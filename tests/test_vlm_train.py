@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vlm_fixtures import synthetic_vqa, tiny_lm_dir, tiny_train_config
 
 import septet
 from septet.checkpoints.native import latest_checkpoint, load_checkpoint
@@ -12,9 +13,6 @@ from septet.vlm import data as D
 from septet.vlm.evaluate import EvalConfig, baselines, evaluate_vlm
 from septet.vlm.infer import load_vlm
 from septet.vlm.train import BridgeTrainer, train_vlm
-
-from vlm_fixtures import synthetic_vqa, tiny_lm_dir, tiny_train_config
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -211,8 +209,7 @@ def test_cached_ranking_equals_the_full_forward(tmp_path, data, lm_dir, arch):
     feats = train.features.get([q.image_id])
     cands = [vlm.fmt.answer(a) for a in train.answers] + [vlm.fmt.encode(" red circle")]  # one multi-token
     prompt, media = vlm._prompt(vlm.fmt.question(q.text), feats)
-    cache, visual, n = vlm.prefix_cache(prompt[:1], media)
-    fast = vlm.rank(cache, visual, n, [prompt[1:]], cands)[0]
+    fast = vlm.rank(vlm.prefix_batch(prompt[:1], media), [prompt[1:]], cands)[0]
     for c, toks in enumerate(cands):
         ids = torch.tensor([prompt + toks])
         with torch.no_grad():

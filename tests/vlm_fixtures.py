@@ -10,12 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from septet.models import get_preset
+from septet.checkpoints.native import save_checkpoint
 from septet.data.easyvqa import COLOURS, SHAPES, Question
 from septet.data.images import Preprocess
-from septet.models import build
+from septet.models import build, get_preset
 from septet.tokenizer import Tokenizer
-from septet.checkpoints.native import save_checkpoint
 from septet.vlm import data as D
 from septet.vlm.infer import VISION, VisionSpec
 

@@ -21,9 +21,9 @@ selection of members from the same sources as the `bigbench` asset, tried in the
 the pinned bigbench==1.0.0 sdist (sha256-verified), GitHub's archive of google/BIG-bench at
 the pinned commit (only with --allow-unverified: its sha256 is not pinned), or a local
 BIG-bench checkout (--bigbench-dir / SEPTET_BIGBENCH_DIR naming it, its `bigbench` or its
-`bigbench/benchmark_tasks`). They are then put on sys.path. Three of its module-level imports are heavy packages the JSON-task code
-path never calls, so they are given stand-ins while `bigbench` is imported, and removed
-from sys.modules again afterwards:
+`bigbench/benchmark_tasks`). They are then put on sys.path. Three of its module-level imports
+are heavy packages the JSON-task code path never calls, so they are given stand-ins while
+`bigbench` is imported, and removed from sys.modules again afterwards:
 - `tensorflow` (json_task, json_utils): only `tf.logging.info` and `tf.io.gfile`
   {isdir, glob, GFile} are used, which the stand-in maps to os / glob / open;
 - `t5.evaluation.metrics` (task_metrics): only the bleu / rouge / sequence_f1 metrics use it;

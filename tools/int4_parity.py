@@ -81,6 +81,7 @@ def _smol_path() -> Path:
 
 def _texts(lm) -> dict[str, str]:
     import test_llamacpp_parity as t
+
     from septet.chat_template import render_chat
 
     return {"english": t.ENGLISH, "polish": t.POLISH, "german": t.GERMAN, "python": t.PYTHON,
@@ -92,9 +93,9 @@ def _texts(lm) -> dict[str, str]:
 
 def collect(args) -> None:
     import numpy as np
+    import test_llamacpp_parity as t
 
     import septet
-    import test_llamacpp_parity as t
 
     t.llama_cpp = __import__("llama_cpp")
     path = _smol_path()
@@ -380,7 +381,7 @@ def _jittered(model, ref, n: int, eps: float = 1e-3, decode: bool = False) -> li
     for seed in range(n):
         g = torch.Generator().manual_seed(seed)
         h = model.tok_emb.register_forward_hook(
-            lambda mod, inp, y: y * (1 + eps * torch.randn(y.shape, generator=g)).to(y.dtype))
+            lambda mod, inp, y, g=g: y * (1 + eps * torch.randn(y.shape, generator=g)).to(y.dtype))
         try:
             out.append(score_model(model, ref, decode=decode)[0])
         finally:
@@ -471,7 +472,7 @@ def speed(args) -> None:
             decode_tps(m, 2, step=steps[name], slots=slots)
     runs: dict[str, list[float]] = {k: [] for k in models}
     heads: dict[str, list[float]] = {k: [] for k in models}
-    for r in range(args.rounds):
+    for _r in range(args.rounds):
         for name, model in models.items():  # interleaved: drift in machine load hits all alike
             runs[name].append(decode_tps(model, args.tokens, step=steps[name], slots=slots))
             heads[name].append(head_ms(model))

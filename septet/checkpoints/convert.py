@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..models import build_on_meta, config_from_dict
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_write_text
+from ..models import config_from_dict
 from ..tokenizer import Tokenizer
 from . import Loaded
 from .hf import cast_state, read_json

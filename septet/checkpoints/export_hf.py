@@ -16,8 +16,18 @@ from ..fileio import atomic_dir
 from ..models.gpt3 import GPT3Config
 from ..models.llama import LLaMAConfig
 from ..tokenizer import Tokenizer
-from .hf import (GPT2_ARCH, LLAMA_ARCH, SAFETENSORS, as_config, cast_state, check_state,
-                 interleaved_to_half, llama_names, state_of)
+from .hf import (
+    GPT2_ARCH,
+    LLAMA_ARCH,
+    SAFETENSORS,
+    as_config,
+    cast_state,
+    check_state,
+    interleaved_to_half,
+    llama_names,
+    state_of,
+)
+
 
 def septet_llama_to_hf(state: dict[str, torch.Tensor], c: LLaMAConfig) -> dict[str, torch.Tensor]:
     out = {}
@@ -108,7 +118,8 @@ def save_hf(model_or_state: nn.Module | dict[str, torch.Tensor], config: Decoder
     bos = eos = None
     eos_str = None
     if tokenizer is not None:
-        eos_str = tokenizer.eot_token if tokenizer.eot_token and tokenizer.token_to_id(tokenizer.eot_token) is not None else None
+        eos_str = (tokenizer.eot_token
+                   if tokenizer.eot_token and tokenizer.token_to_id(tokenizer.eot_token) is not None else None)
         eos = tokenizer.token_to_id(eos_str) if eos_str else None
         bos = eos if isinstance(c, GPT3Config) else None
         if tokenizer.vocab_size > c.vocab_size:

@@ -191,7 +191,9 @@ def read_gguf(path: str | os.PathLike) -> GGUFInfo:
                 raise _err(path, f"file is {size} bytes, too short for a GGUF header (24 bytes)")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except FileNotFoundError:
-        raise CheckpointError(f"GGUF file '{path}' does not exist; check the path or run `septet fetch smollm2`") from None
+        raise CheckpointError(
+            f"GGUF file '{path}' does not exist; check the path or run `septet fetch smollm2`"
+        ) from None
     except IsADirectoryError:
         raise CheckpointError(f"GGUF path '{path}' is a directory; pass the .gguf file inside it") from None
     except OSError as e:
@@ -223,7 +225,8 @@ def _parse(path: Path, mm: Any, size: int) -> GGUFInfo:
     # each kv takes >= 8 (key len) + 4 (type) + 1 bytes; each tensor info >= 8 + 4 + 8 + 4 + 8
     left = size - c.pos
     if n_kv > left // 13:
-        raise _Bad(f"truncated or corrupt: header claims {n_kv} metadata entries, more than a {size}-byte file can hold")
+        raise _Bad(f"truncated or corrupt: header claims {n_kv} metadata entries, "
+                   f"more than a {size}-byte file can hold")
     if n_tensors > left // 32:
         raise _Bad(f"truncated or corrupt: header claims {n_tensors} tensors, more than a {size}-byte file can hold")
     meta: dict[str, Any] = {}
@@ -256,7 +259,8 @@ def _parse(path: Path, mm: Any, size: int) -> GGUFInfo:
             raise _Bad(f"tensor '{name}' has a zero dimension {list(dims)}")
         tname, block, tsize = GGML_TYPES[gtype]
         if dims[0] % block:
-            raise _Bad(f"tensor '{name}' ({tname}) has a first dimension {dims[0]} that is not a multiple of its block size {block}")
+            raise _Bad(f"tensor '{name}' ({tname}) has a first dimension {dims[0]} "
+                       f"that is not a multiple of its block size {block}")
         n = 1
         for d in dims:
             n *= d
@@ -274,11 +278,12 @@ def _parse(path: Path, mm: Any, size: int) -> GGUFInfo:
             raise _Bad(f"tensor '{name}' offset {offset} is not aligned to {alignment} bytes")
         start = data_offset + offset
         if start + nbytes > size:
-            raise _Bad(f"truncated: tensor '{name}' needs bytes {start}..{start + nbytes} but the file is {size} bytes")
+            raise _Bad(f"truncated: tensor '{name}' needs bytes {start}..{start + nbytes} "
+                       f"but the file is {size} bytes")
         tensors[name] = TensorInfo(name, gtype, tname, tuple(reversed(dims)), start, nbytes)
         spans.append((start, start + nbytes, name))
     spans.sort()
-    for (s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
+    for (_s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise _Bad(f"tensors '{n0}' and '{n1}' overlap in the file")
     return GGUFInfo(path=path, version=version, alignment=alignment, data_offset=data_offset,
@@ -362,7 +367,9 @@ def dequantize(raw: bytes | np.ndarray, t: TensorInfo, dtype: torch.dtype = torc
     dequantised in fp32, then rounded to `dtype`)."""
     buf = np.frombuffer(raw, dtype=np.uint8)
     if buf.size != t.nbytes:
-        raise CheckpointError(f"GGUF file '{source}': tensor '{t.name}' has {buf.size} bytes, expected {t.nbytes}; {FIX}")
+        raise CheckpointError(
+            f"GGUF file '{source}': tensor '{t.name}' has {buf.size} bytes, expected {t.nbytes}; {FIX}"
+        )
     if t.type_name in _FLOAT_NATIVE:
         arr = buf.view(_FLOAT_NATIVE[t.type_name])
         out = torch.from_numpy(arr.copy())
@@ -473,7 +480,8 @@ def llama_config(info: GGUFInfo):
         raise _err(info.path, f"the token list has {len(tokens)} entries but 'token_embd.weight' has {vocab} rows")
     n_embd = _meta_int(info, f"{a}.embedding_length", d_model)
     if n_embd != d_model:
-        raise _err(info.path, f"metadata '{a}.embedding_length'={n_embd} disagrees with 'token_embd.weight' width {d_model}")
+        raise _err(info.path,
+                   f"metadata '{a}.embedding_length'={n_embd} disagrees with 'token_embd.weight' width {d_model}")
     n_head = _meta_int(info, f"{a}.attention.head_count")
     n_kv = _meta_int(info, f"{a}.attention.head_count_kv", n_head)
     d_head = _meta_int(info, f"{a}.attention.key_length", d_model // n_head)

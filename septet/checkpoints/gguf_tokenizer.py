@@ -108,7 +108,9 @@ def _token_id(meta: dict[str, Any], key: str, n: int, source: str) -> int | None
     return v
 
 
-def tokenizer_from_gguf(meta: dict[str, Any], *, source: str = "") -> tuple[Tokenizer, int | None, tuple[int, ...], bool]:
+def tokenizer_from_gguf(
+    meta: dict[str, Any], *, source: str = ""
+) -> tuple[Tokenizer, int | None, tuple[int, ...], bool]:
     """(Tokenizer, bos_id, eos_ids, add_bos) from a GGUF's metadata dict."""
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:

@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from ..config import DecoderConfig
-
-from ..models import config_from_dict
 from ..errors import CheckpointError, ConfigError
+from ..models import config_from_dict
 from ..models.gpt3 import GPT3Config
 from ..models.llama import LLaMAConfig
 from ..tokenizer import Tokenizer
@@ -114,13 +113,16 @@ def check_state(config: DecoderConfig, state: dict[str, torch.Tensor], source: s
     where = source if callable(source) else (lambda name: source)
     for k, shape in expected.items():
         if k not in state:
-            raise CheckpointError(f"{where(names.get(k, k))}: tensor '{names.get(k, k)}' is missing; the checkpoint is incomplete")
+            raise CheckpointError(f"{where(names.get(k, k))}: tensor '{names.get(k, k)}' is missing; "
+                                  "the checkpoint is incomplete")
         if tuple(state[k].shape) != shape:
-            raise CheckpointError(f"{where(names.get(k, k))}: tensor '{names.get(k, k)}' has shape {tuple(state[k].shape)}, "
+            raise CheckpointError(f"{where(names.get(k, k))}: tensor '{names.get(k, k)}' "
+                                  f"has shape {tuple(state[k].shape)}, "
                                   f"expected {shape} from the config; the weights do not match config")
     extra = sorted(set(state) - set(expected))
     if extra:
-        raise CheckpointError(f"{where(names.get(extra[0], extra[0]))}: unexpected tensor '{names.get(extra[0], extra[0])}' "
+        raise CheckpointError(f"{where(names.get(extra[0], extra[0]))}: "
+                              f"unexpected tensor '{names.get(extra[0], extra[0])}' "
                               "(a feature septet's model does not have)")
 
 
@@ -332,7 +334,8 @@ def hf_llama_to_septet(hf: dict[str, torch.Tensor], c: LLaMAConfig,
     used = set(names.values()) | ({"lm_head.weight"} if c.tie_embeddings else set())
     extra = sorted(k for k in hf if k not in used and not k.endswith(_IGNORED_SUFFIXES))
     if extra:
-        raise CheckpointError(f"{where(extra[0])}: unexpected tensor '{extra[0]}' (a feature septet's LLaMA does not have)")
+        raise CheckpointError(f"{where(extra[0])}: unexpected tensor '{extra[0]}' "
+                              "(a feature septet's LLaMA does not have)")
     check_state(c, out, where, names)
     return out
 
@@ -343,7 +346,8 @@ def hf_gpt2_to_septet(hf: dict[str, torch.Tensor], c: GPT3Config,
 
     def get(name: str) -> torch.Tensor:
         if pre + name not in hf:
-            raise CheckpointError(f"{where(pre + name)}: tensor '{pre + name}' is missing; the checkpoint is incomplete")
+            raise CheckpointError(f"{where(pre + name)}: tensor '{pre + name}' is missing; "
+                                  "the checkpoint is incomplete")
         return hf[pre + name]
 
     C = c.d_model
@@ -385,7 +389,8 @@ def hf_gpt2_to_septet(hf: dict[str, torch.Tensor], c: GPT3Config,
                                        "mlp.c_proj.weight", "mlp.c_proj.bias")}
     extra = sorted(k for k in hf if k not in used and not k.endswith(_IGNORED_SUFFIXES))
     if extra:
-        raise CheckpointError(f"{where(extra[0])}: unexpected tensor '{extra[0]}' (a feature septet's GPT-3 does not have)")
+        raise CheckpointError(f"{where(extra[0])}: unexpected tensor '{extra[0]}' "
+                              "(a feature septet's GPT-3 does not have)")
     out = {k: v.contiguous() for k, v in out.items()}
     check_state(c, out, where)
     return out

@@ -50,7 +50,7 @@ def _shards(path: Path) -> list[Path]:
     found = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := _SHARD.match(p.name)))
     if not found:
         raise CheckpointError(f"{path} has no consolidated.00.pth; a Meta LLaMA release needs its weights")
-    for want, (got, p) in enumerate(found):
+    for want, (got, _p) in enumerate(found):
         if got != want:
             raise CheckpointError(f"{path}: model-parallel shard consolidated.{want:02d}.pth is missing "
                                   f"(found {', '.join(q.name for _, q in found)})")

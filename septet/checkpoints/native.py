@@ -261,17 +261,24 @@ def load_checkpoint(path: str | Path, *, with_training_state: bool = False) -> C
             tokenizer_json = tok.read_text(encoding="utf-8")
             json.loads(tokenizer_json)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{tok} is not valid JSON ({e}); replace it with the model's tokenizer.json") from None
+            raise CheckpointError(
+                f"{tok} is not valid JSON ({e}); replace it with the model's tokenizer.json"
+            ) from None
 
     ckpt = Checkpoint(path=path, config=config, model_state=model_state, tokenizer_json=tokenizer_json)
     if not with_training_state:
         return ckpt
     ts = path / TRAINING_STATE
     if not ts.is_dir():
-        raise CheckpointError(f"{path} has no {TRAINING_STATE}/; it cannot be resumed (start a new run from it instead)")
+        raise CheckpointError(
+            f"{path} has no {TRAINING_STATE}/; it cannot be resumed (start a new run from it instead)"
+        )
     state = _read_json(ts / "state.json", "the training state cannot be resumed; use another checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{ts / 'state.json'} has format {state.get('format') if isinstance(state, dict) else None!r}, expected {FORMAT}; re-save it")
+        raise CheckpointError(
+            f"{ts / 'state.json'} has format {state.get('format') if isinstance(state, dict) else None!r}, "
+            f"expected {FORMAT}; re-save it"
+        )
     ckpt.train_state = _decode(state.get("train") or {}, {})
     if state.get("optimizer") is not None:
         opt_tensors = _load_tensors(ts / "optimizer.safetensors", "optimizer state")

@@ -38,6 +38,7 @@ from torch import nn
 
 from septet.errors import DataError
 from septet.fileio import atomic_path
+
 from .images import Preprocess, load_image
 
 COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")

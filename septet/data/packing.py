@@ -53,7 +53,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def pack_documents(docs: Sequence[str], tokenizer: Tokenizer, *, val_fraction: float = 0.05) -> PackedCorpus:
     """Tokenize `docs` (batched) and build the train and validation streams."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1); 0.05 keeps 5% of each document for validation")
+        raise ConfigError(
+            f"val_fraction={val_fraction} must be in [0, 1); 0.05 keeps 5% of each document for validation"
+        )
     eot = tokenizer.eot_id
     dtype = token_dtype(tokenizer.vocab_size)
     train_parts: list[np.ndarray] = []

@@ -46,9 +46,19 @@ from typing import Callable
 import numpy as np
 
 from ..errors import DataError, InputError
-from .metrics import (DEFAULT_REGEX, MAX_CHARS, Score, bigbench_normalize, case_insensitive_str_match,
-                      exact_str_match, mean_of_scores, mean_stderr, multiple_choice_grade, postprocess,
-                      regex_is_line_bound)
+from .metrics import (
+    DEFAULT_REGEX,
+    MAX_CHARS,
+    Score,
+    bigbench_normalize,
+    case_insensitive_str_match,
+    exact_str_match,
+    mean_of_scores,
+    mean_stderr,
+    multiple_choice_grade,
+    postprocess,
+    regex_is_line_bound,
+)
 from .report import Row
 from .scoring import Scorer
 from .tasks import MAX_TASK_BYTES
@@ -306,7 +316,7 @@ def _settled(task: BigBenchTask) -> Callable[[str], bool]:
 def _fit(task: BigBenchTask, scorer: Scorer, qs: list[Query], shots: int, answer_tokens) -> tuple[list[str], dict]:
     """Prompts, dropping the oldest demonstrations of those that do not fit the context."""
     prompts, reduced = [], []
-    for i, q in enumerate(qs):
+    for _i, q in enumerate(qs):
         need = answer_tokens(q)
         for k in range(len(q.demos), -1, -1):
             text = q.prompt(task, k)

@@ -55,12 +55,11 @@ def cmd_eval(args: argparse.Namespace) -> Any:
     from tqdm import tqdm
 
     from ..api import load
+    from ..vlm.eval_task import cmd_eval_vlm, is_vlm_model  # a VLM checkpoint is not an LM: its own path
+    from .catalog import get_task
     from .report import markdown_table, results_json, write_report
     from .scoring import Scorer
-    from .catalog import get_task
     from .tasks import parse_shots
-
-    from ..vlm.eval_task import cmd_eval_vlm, is_vlm_model  # a VLM checkpoint is not an LM: its own path
     if is_vlm_model(args.model):
         return cmd_eval_vlm(args)
     shots = parse_shots(args.shots)

@@ -28,6 +28,7 @@ import torch
 
 from ..errors import InputError
 from ..models.base import DecoderLM
+from ..nn.attention import KVCache
 from .kv_cache import KernelKVCache
 from .sampling import RowSampler, Sampling
 from .steps import StepFn, decode_step
@@ -112,8 +113,36 @@ class DecodeBatch:
         self.sampler: RowSampler | None = None
         if sampling is not None:
             self.sampler = RowSampler(sampling, prompts, model.config.vocab_size, device)
+        self.row_inputs: dict[str, torch.Tensor] = {}
+        self.plain = True  # a DecoderLM fed token ids only: the step implementations apply
         self._step: StepFn | None = None
         self._next: torch.Tensor | None = None  # the tokens decode() yielded last, per row
+
+    @classmethod
+    def conditioned(cls, model, prefill: Callable[[KVCache], torch.Tensor], *, rows: int, slots: int,
+                    budget: int, new_cache: Callable[[int, int], KVCache] | None = None,
+                    row_inputs: dict[str, torch.Tensor] | None = None) -> "DecodeBatch":
+        """Rows whose prompt is more than token ids (Flamingo's images, BLIP-2's soft prompt).
+
+        The batch allocates `rows` x `slots` cache slots (`new_cache(rows, slots)`, default the
+        model's) and `prefill(cache)` runs the prompts into it, returning the next-token
+        logits (rows, V). Steps and feeds then call `model(tokens, cache=..., positions=...,
+        pad_mask=..., last_only=..., **row_inputs)`: `row_inputs` are per-row tensors (e.g.
+        Flamingo's visual tokens, (rows, ...)) that follow the rows through keep and fork.
+        With none, steps take the usual step (fused where the model allows)."""
+        out = object.__new__(cls)
+        out.model, out.compile = model, False
+        out.cache = new_cache(rows, slots) if new_cache is not None else \
+            model.new_cache(rows, slots, cache_cls=KernelKVCache)
+        out.device = out.cache.k[0].device
+        out.budget = budget
+        out.pad = torch.zeros(rows, dtype=torch.long, device=out.device)
+        out._masks()
+        out.logits = prefill(out.cache)
+        out.row_inputs = dict(row_inputs or {})
+        out.plain = isinstance(model, DecoderLM) and not out.row_inputs
+        out.sampler, out._step, out._next = None, None, None
+        return out
 
     # ------------------------------------------------------------------ state
     @property
@@ -135,6 +164,8 @@ class DecodeBatch:
         """Feed one token per row ((B,) ids) -> the next logits (B, V), also kept in `logits`."""
         if not isinstance(tokens, torch.Tensor):
             tokens = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        if not self.plain:  # conditioned rows: the model's own forward, with their inputs
+            return self.extend(tokens[:, None])
         if self._step is None:
             self._step = decode_step(self.model, self.compile, self.cache.max_len)
         positions = self.model.row_positions(self.pad, self.cache.pos, 1)  # (B, 1), or (1,)
@@ -153,7 +184,7 @@ class DecodeBatch:
         positions = self.model.row_positions(self.pad, self.cache.pos, L) if self.any_pad else None
         mask = self.key_mask[:, :self.cache.pos + L] if self.any_pad else None
         out = self.model(tokens, cache=self.cache, positions=positions, pad_mask=mask,
-                         last_only=not all_logits)  # (B, L or 1, V)
+                         last_only=not all_logits, **self.row_inputs)  # (B, L or 1, V)
         self.logits = out[:, -1]
         self._next = None  # decode() does not step tokens fed here again
         return out if all_logits else self.logits
@@ -167,6 +198,7 @@ class DecodeBatch:
         idx = idx.to(self.device)
         self.cache.reorder(idx)
         self.pad, self.logits = self.pad[idx], self.logits[idx]
+        self.row_inputs = {k: v[idx] for k, v in self.row_inputs.items()}
         self._masks()
         if self._next is not None:
             self._next = self._next[idx]
@@ -183,6 +215,7 @@ class DecodeBatch:
         out.budget = extra_slots
         out.cache = self.cache.select(idx, self.cache.pos + extra_slots)
         out.pad, out.logits = self.pad[idx], self.logits[idx]
+        out.row_inputs, out.plain = {k: v[idx] for k, v in self.row_inputs.items()}, self.plain
         out._masks()
         out.sampler, out._step, out._next = None, None, None
         return out
@@ -197,8 +230,8 @@ class DecodeBatch:
 
     def can_admit(self, prompt_len: int) -> bool:
         """A late prompt joins if it fits in the slots the batch has filled so far (it is
-        left-padded to end where the other rows are); a compiled batch takes none."""
-        return not self.compile and prompt_len <= self.cache.pos
+        left-padded to end where the other rows are); a compiled or conditioned batch takes none."""
+        return not self.compile and self.plain and prompt_len <= self.cache.pos
 
     def admit(self, prompt: Sequence[int], max_new_tokens: int, sampling: Sampling | None = None) -> None:
         """Prefill `prompt` alone into slots [pos - n, pos) of a one-row cache and append it

@@ -74,6 +74,7 @@ def describe(config: DecoderConfig) -> dict:
     return out
 
 
-__all__ = ["build", "build_on_meta", "config_from_dict", "describe", "get_preset", "presets", "count_params", "DecoderLM", "LossParts", "MODELS",
+__all__ = ["build", "build_on_meta", "config_from_dict", "describe", "get_preset", "presets", "count_params",
+           "DecoderLM", "LossParts", "MODELS",
            "GPT3", "GPT3Config", "PaLM", "PaLMConfig", "LLaMA", "LLaMAConfig",
            "LaMDA", "LaMDAConfig", "GPT4", "GPT4Config", "nn"]

@@ -197,7 +197,7 @@ def init_normal(module: nn.Module, std: float = 0.02, residual_std: float | None
             continue  # norms keep ones, biases are zeroed below
         s = residual_std if residual_std is not None and leaf in residual_names else std
         nn.init.normal_(p, mean=0.0, std=s)
-    for name, m in module.named_modules():
+    for _name, m in module.named_modules():
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..inference.beam import beam_search
 from ..errors import CheckpointError, ConfigError, InputError
+from ..inference.beam import beam_search
+from ..inference.engine import DecodeBatch
 from ..nn.norms import LayerNorm
 from ..nn.qformer import QFormer, QFormerConfig, itc_mask, itg_mask, itm_mask
 from .base import DecoderLM
@@ -290,14 +291,12 @@ class Blip2(FrozenLMBridge):
         n_new = min(max_new_tokens, self.lm.config.context - Q - len(prompt))
         if n_new <= 0:
             return []
-        cache = self.lm.new_cache(beams, Q + len(prompt) + n_new)
         tokens = torch.tensor([list(prompt)] * beams, device=image.device)
-        first = self(image.expand(beams, -1, -1), tokens, cache=cache, last_only=True)[:, -1]
-
-        def step(t: torch.Tensor) -> torch.Tensor:
-            return self.lm(t, cache=cache, last_only=True)[:, -1]
-
-        return beam_search(first, step, cache.reorder, beams=beams,
+        # the soft prompt and the prompt in one prefill; then plain LM steps (fused where it applies)
+        batch = DecodeBatch.conditioned(
+            self.lm, lambda cache: self(image.expand(beams, -1, -1), tokens, cache=cache, last_only=True)[:, -1],
+            rows=beams, slots=Q + len(prompt) + n_new, budget=n_new)
+        return beam_search(batch.logits, lambda t: batch.step(t[:, 0]), batch.keep, beams=beams,
                            max_new_tokens=n_new, stop_ids=set(stop_ids))
 
 

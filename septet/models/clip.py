@@ -35,6 +35,7 @@ from septet.nn.attention import AttnContext
 from septet.nn.norms import LayerNorm
 from septet.nn.positions import LearnedPositions
 from septet.tokenizer import Tokenizer
+
 from .base import init_normal
 from .gpt3 import Block, GPT3Config
 from .vision import ViT, ViTConfig

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..inference.beam import beam_search
 from ..errors import ConfigError, InputError
+from ..inference.beam import beam_search
+from ..inference.engine import DecodeBatch
 from ..nn.attention import KVCache
 from ..nn.cross_attention import GatedXAttnDense, image_causal_mask
 from ..nn.perceiver import PerceiverResampler
@@ -287,13 +288,11 @@ class Flamingo(FrozenLMBridge):
         n_new = min(max_new_tokens, self.lm.config.context - len(prompt))
         if n_new <= 0:
             return []
-        cache = self.new_cache(beams, len(prompt) + n_new)
         device = self.lm.tok_emb.weight.device
         tokens = torch.tensor([list(prompt)] * beams, device=device)
-        first = self(tokens, visual=visual, cache=cache, last_only=True)[:, -1]  # (K, V + 2)
-
-        def step(t: torch.Tensor) -> torch.Tensor:
-            return self(t, visual=visual, cache=cache, last_only=True)[:, -1]
-
-        return beam_search(first, step, cache.reorder, beams=beams,
+        batch = DecodeBatch.conditioned(
+            self, lambda cache: self(tokens, visual=visual, cache=cache, last_only=True)[:, -1],  # (K, V + 2)
+            rows=beams, slots=len(prompt) + n_new, budget=n_new, new_cache=self.new_cache,
+            row_inputs={} if visual is None else {"visual": visual})
+        return beam_search(batch.logits, lambda t: batch.step(t[:, 0]), batch.keep, beams=beams,
                            max_new_tokens=n_new, stop_ids=stop)

@@ -33,6 +33,7 @@ from septet.nn.attention import Attention
 from septet.nn.mlp import GeluMLP
 from septet.nn.norms import LayerNorm
 from septet.nn.positions import LearnedPositions
+
 from .base import init_normal
 
 # ====================================================================== EfficientNet-Lite

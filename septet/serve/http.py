@@ -23,8 +23,8 @@ from typing import Any, Callable
 from ..api import LoadedModel
 from ..errors import SeptetError
 from . import openai
-from .scheduler import Job, Scheduler
 from .page import PAGE
+from .scheduler import Job, Scheduler
 
 MAX_BODY = 1 << 20
 

@@ -19,21 +19,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-    set_model_state_dict, set_optimizer_state_dict,
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
 )
 
 from .. import assets
 from ..checkpoints.native import Checkpoint
 from ..config import DecoderConfig
-from ..models import config_from_dict, get_preset
 from ..data.corpus import corpus_fingerprint, load_documents
 from ..data.packing import Batcher, PackedCorpus, cached_pack, iter_eval_batches
 from ..errors import ConfigError
-from ..models import build, describe
+from ..models import build, config_from_dict, describe, get_preset
 from ..models.base import DecoderLM
 from ..tokenizer import Tokenizer
 from . import parallel
+from .determinism import deterministic_training
 from .flops import measure_matmul_peak, mfu, model_flops_per_token
 from .optim import build_optimizer
 from .run import LoopOptions, Snapshot, TrainingLoop, resume_point
@@ -101,6 +104,7 @@ class Trainer:
     snapshot, restore) around a decoder LM, its packed corpus and its optimizer."""
 
     def __init__(self, tc: TrainConfig):
+        deterministic_training()  # before the model exists: MKL reads its mode at its first call
         self.tc = tc
         self.d = parallel.init_distributed(tc.device)
         self.out = Path(tc.out)

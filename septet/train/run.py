@@ -40,8 +40,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from septet.checkpoints.native import (Checkpoint, checkpoint_dir, latest_checkpoint, load_checkpoint,
-                                       prune_checkpoints, restore_rng, save_checkpoint)
+from septet.checkpoints.native import (
+    Checkpoint,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng,
+    save_checkpoint,
+)
 from septet.errors import CheckpointError, ConfigError, SeptetError
 
 from .metrics import MetricsLog, plot_loss_curve

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from septet import options
+from septet.checkpoints.native import Checkpoint
 from septet.data.easyvqa import EasyVQA
 from septet.data.images import Preprocess
 from septet.errors import ConfigError
 from septet.models.clip import CLIP, CLIPConfig, TextConfig, caption_tokenizer, contrastive_loss, encode_texts
 from septet.models.vision import ViTConfig
-from septet.checkpoints.native import Checkpoint
+from septet.train.determinism import deterministic_training
 from septet.train.optim import build_optimizer
 from septet.train.run import LoopOptions, SeededDraws, Snapshot, TrainingLoop, check_same_config, resume_point
 from septet.train.schedules import lr_at
@@ -122,6 +123,7 @@ class CLIPTrainer:
 
     def __init__(self, tc: CLIPTrainConfig, data_root: Path | None = None):
         tc.validate()
+        deterministic_training()  # before the model exists: MKL reads its mode at its first call
         torch.manual_seed(tc.seed)
         self.tc = tc
         pre = tc.preprocess()

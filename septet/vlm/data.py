@@ -276,6 +276,7 @@ class Rices:
         return [self.pool.image_ids[i] for i in reversed(top)]
 
 
-__all__ = ["StandardizedFeatures", "feature_stats", "standardized", "Batch", "CAPTION_PROMPT", "Formatter", "Rices", "VQAData", "VQA_TEMPLATE", "blip_stage2_batch",
+__all__ = ["StandardizedFeatures", "feature_stats", "standardized", "Batch", "CAPTION_PROMPT", "Formatter", "Rices",
+           "VQAData", "VQA_TEMPLATE", "blip_stage2_batch",
            "caption_text_batch", "flamingo_caption_batch", "flamingo_interleaved_batch", "flamingo_vqa_batch",
            "load_easyvqa", "media_for", "pad_batch", "sample_images", "sample_questions", "text_batch", "with_targets"]

@@ -52,7 +52,9 @@ class EasyVQARetrievalTask(EasyVQATask):
     name = label = RETRIEVAL
 
     def evaluate(self, lm, shots: int, *, limit=None, seed=None, progress=None):
-        raise InputError(f"--task {RETRIEVAL} needs a BLIP-2 checkpoint from `septet vlm train --arch blip2` as --model")
+        raise InputError(
+            f"--task {RETRIEVAL} needs a BLIP-2 checkpoint from `septet vlm train --arch blip2` as --model"
+        )
 
 
 register_task(RETRIEVAL, EasyVQARetrievalTask, "image-text retrieval recall of a BLIP-2 checkpoint on easy-VQA "
@@ -87,8 +89,9 @@ def _row(task: str, shots: int, metric: str, value: float, n: int, primary: bool
 
 def cmd_eval_vlm(args: argparse.Namespace):
     """`septet eval` on a VLM checkpoint (same flags; see the module docstring)."""
-    from septet.eval.tasks import parse_shots
     from septet.eval.report import markdown_table, results_json, write_report
+    from septet.eval.tasks import parse_shots
+
     from . import data as D
     from .evaluate import EvalConfig
     from .infer import load_vlm

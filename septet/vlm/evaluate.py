@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from ..inference import DecodeBatch
 from . import data as D
 from .infer import VLM
 
@@ -82,8 +83,7 @@ def rank_image(vlm: VLM, test: D.VQAData, pool: D.VQAData, query_id: int, suppor
     if vlm.arch == "flamingo":
         prefix = [t for s in support for t in vlm.fmt.flamingo_chunk(s)[0]] + [vlm.fmt.image_id]
         media = feats if not support else torch.cat((pool.features.get([s.image_id for s in support]), feats))
-        cache, visual, n = vlm.prefix_cache(prefix, media[None, :, None])  # (1, k + 1, 1, N, D)
-        return vlm.rank(cache, visual, n, q_ids, cands)
+        return vlm.rank(vlm.prefix_batch(prefix, media[None, :, None]), q_ids, cands)  # (1, k + 1, 1, N, D)
     return _rank_shared_first_token(vlm, q_ids, cands, feats)
 
 
@@ -94,8 +94,7 @@ def _rank_shared_first_token(vlm, q_ids: list[list[int]], cands, media) -> torch
     for i, q in enumerate(q_ids):
         groups.setdefault(q[0], []).append(i)
     for first, rows in groups.items():
-        cache, visual, n = vlm.prefix_cache([first], media)
-        out[rows] = vlm.rank(cache, visual, n, [q_ids[i][1:] for i in rows], cands)
+        out[rows] = vlm.rank(vlm.prefix_batch([first], media), [q_ids[i][1:] for i in rows], cands)
     return out
 
 
@@ -111,10 +110,8 @@ class TextOnly(VLM):
         return self._lm
 
     @torch.no_grad()
-    def prefix_cache(self, prefix, media, room: int = 64):
-        cache = self._lm.new_cache(1, len(prefix) + room)
-        self._lm(torch.tensor([prefix]), cache=cache, last_only=True)
-        return cache, None, cache.pos
+    def prefix_batch(self, prefix, media) -> DecodeBatch:
+        return DecodeBatch(self._lm, [prefix], max_new_tokens=0)
 
 
 def evaluate_vlm(vlm: VLM, test: D.VQAData, pool: D.VQAData, ec: EvalConfig,

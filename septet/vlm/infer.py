@@ -26,8 +26,10 @@ import torch
 from torch import nn
 
 from septet.errors import CheckpointError, ConfigError
+from septet.inference import DecodeBatch
 from septet.models.blip2 import Blip2, Blip2Config, Blip2Stage1
 from septet.models.flamingo import Flamingo, FlamingoConfig, add_media_tokens
+
 from .data import CAPTION_PROMPT, Formatter
 
 FAMILY = "septet-vlm"
@@ -142,23 +144,23 @@ class VLM:
 
     # --- scoring ------------------------------------------------------------------
     @torch.no_grad()
-    def prefix_cache(self, prefix: list[int], media: torch.Tensor | None, room: int = 64):
-        """Run a prompt prefix once (into a cache with `room` free slots for what follows):
-        (cache, resampled visual tokens or None, cached length)."""
+    def prefix_batch(self, prefix: list[int], media: torch.Tensor | None) -> DecodeBatch:
+        """Run a prompt prefix (with its image) once, as a one-row batch that `rank`
+        continues in many rows."""
+        ids = torch.tensor([prefix])
         if self.arch == "flamingo":
-            visual = None if media is None else self.bridge.resample(media)  # (1, M, R, D)
-            cache = self.bridge.new_cache(1, min(len(prefix) + room, self.lm.config.context))
-            self.bridge(torch.tensor([prefix]), visual=visual, cache=cache, last_only=True)
-            return cache, visual, cache.pos
-        model = self.bridge.model
-        Q = model.config.qformer.n_query
-        cache = self.lm.new_cache(1, min(Q + len(prefix) + room, self.lm.config.context))
-        model(media, torch.tensor([prefix]), cache=cache, last_only=True)  # the soft prompt, then the prefix
-        return cache, None, cache.pos
+            bridge = self.bridge
+            visual = None if media is None else bridge.resample(media)  # (1, M, R, D)
+            return DecodeBatch.conditioned(
+                bridge, lambda cache: bridge(ids, visual=visual, cache=cache, last_only=True)[:, -1],
+                rows=1, slots=len(prefix), budget=0, new_cache=bridge.new_cache,
+                row_inputs={} if visual is None else {"visual": visual})
+        model = self.bridge.model  # the soft prompt, then the prefix
+        return DecodeBatch.conditioned(self.lm, lambda cache: model(media, ids, cache=cache, last_only=True)[:, -1],
+                                       rows=1, slots=model.config.qformer.n_query + len(prefix), budget=0)
 
     @torch.no_grad()
-    def rank(self, cache, visual, prefix_len: int, questions: list[list[int]],
-             candidates: list[list[int]]) -> torch.Tensor:
+    def rank(self, prefix: DecodeBatch, questions: list[list[int]], candidates: list[list[int]]) -> torch.Tensor:
         """Log-likelihood (Q, C) of each candidate continuing prefix + question q.
 
         Rows continue the cached prefix: row = question + the candidate's tokens but the
@@ -176,27 +178,12 @@ class VLM:
         tokens = torch.zeros(len(rows), T, dtype=torch.long)
         for i, r in enumerate(rows):
             tokens[i, :len(r)] = torch.tensor(r)
-        logp = self._continue(cache, visual, prefix_len, tokens).log_softmax(-1)  # (R, T, V)
+        rows_of_prefix = prefix.fork([0] * len(rows), extra_slots=T)  # R copies of the prefix
+        logp = rows_of_prefix.extend(tokens, all_logits=True).float().log_softmax(-1)  # (R, T, V)
         out = torch.zeros(len(questions), len(candidates))
         for qi, ci, r, start, toks in where:
             out[qi, ci] = sum(logp[r, start + j, t].item() for j, t in enumerate(toks))
         return out
-
-    def _continue(self, cache, visual, prefix_len: int, tokens: torch.Tensor) -> torch.Tensor:
-        """(R, T) rows continuing the one-row cache -> logits (R, T, V)."""
-        R = tokens.shape[0]
-        cache.pos = prefix_len  # rewind to the prefix (later positions are overwritten)
-        saved_k, saved_v = cache.k, cache.v
-        cache.reorder(torch.zeros(R, dtype=torch.long))  # R copies of the prefix
-        if self.arch == "flamingo":
-            seen = cache.images_seen.clone()
-            cache.images_seen = seen[:1].expand(R).clone()
-            logits = self.bridge(tokens, visual=None if visual is None else visual.expand(R, -1, -1, -1), cache=cache)
-            cache.images_seen = seen
-        else:
-            logits = self.lm(tokens, cache=cache)
-        cache.k, cache.v, cache.pos = saved_k, saved_v, prefix_len
-        return logits.float()
 
     # --- user-facing --------------------------------------------------------------
     def _prompt(self, text_ids: list[int], features: torch.Tensor) -> tuple[list[int], torch.Tensor]:
@@ -211,8 +198,8 @@ class VLM:
         the highest-likelihood choice."""
         prompt, media = self._prompt(self.fmt.question(question), features)
         if choices:
-            cache, visual, n = self.prefix_cache(prompt[:1], media)
-            scores = self.rank(cache, visual, n, [prompt[1:]], [self.fmt.answer(c) for c in choices])
+            answers = [self.fmt.answer(c) for c in choices]
+            scores = self.rank(self.prefix_batch(prompt[:1], media), [prompt[1:]], answers)
             return choices[int(scores[0].argmax())]
         return self._generate(prompt, media, beams, max_new_tokens)
 

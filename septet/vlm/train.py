@@ -28,19 +28,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
+from septet.checkpoints.native import Checkpoint, save_checkpoint
 from septet.errors import ConfigError
 from septet.models.blip2 import Blip2Config
 from septet.models.flamingo import FlamingoConfig
 from septet.nn.qformer import QFormerConfig
-from septet.checkpoints.native import Checkpoint, save_checkpoint
+from septet.train.determinism import deterministic_training
 from septet.train.run import LoopOptions, SeededDraws, Snapshot, TrainingLoop, check_same_config, resume_point
 from septet.train.schedules import lr_at
+
 from . import data as D
 from .infer import ARCHS, FAMILY, NORM_MEAN, NORM_STD, VLM, build_bridge, eos_id_of, vision_spec
-
 
 STAGE1_DIR = "stage1"  # BLIP-2: the run's stage-1 bridge, kept for retrieval
 
@@ -100,7 +101,9 @@ class VLMTrainConfig:
         if self.arch == "blip2" and not 2 <= self.stage1_batch <= 24:
             raise ConfigError("vlm train stage1_batch must lie in [2, 24]: ITC needs distinct captions")
         if not 0.0 <= self.answer_alpha <= 1.0:
-            raise ConfigError(f"vlm train answer_alpha={self.answer_alpha} must lie in [0, 1] (1 = natural frequencies)")
+            raise ConfigError(
+                f"vlm train answer_alpha={self.answer_alpha} must lie in [0, 1] (1 = natural frequencies)"
+            )
         if self.lr <= 0 or self.warmup < 0:
             raise ConfigError(f"vlm train lr={self.lr}, warmup={self.warmup}: need lr > 0 and warmup >= 0")
 
@@ -202,8 +205,7 @@ def quick_accuracy(vlm: VLM, data: D.VQAData, questions: list) -> float:
     for q in questions:
         f = data.features.get([q.image_id])  # (1, N, D)
         prompt, media = vlm._prompt(vlm.fmt.question(q.text), f)
-        cache, visual, n = vlm.prefix_cache(prompt[:1], media)
-        scores = vlm.rank(cache, visual, n, [prompt[1:]], cands)
+        scores = vlm.rank(vlm.prefix_batch(prompt[:1], media), [prompt[1:]], cands)
         right += data.answers[int(scores[0].argmax())] == q.answer
     return right / max(len(questions), 1)
 
@@ -272,6 +274,7 @@ def train_vlm(tc: VLMTrainConfig, *, train: D.VQAData | None = None, val: D.VQAD
     """Train (or resume) a bridge; returns a summary. `train`/`val`/`lm` default to easy-VQA
     train/test with cached features and `septet.load(tc.lm)`; tests pass tiny ones."""
     tc.validate()
+    deterministic_training()  # before features and models: MKL reads its mode at its first call
     torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     if lm is None:

@@ -10,12 +10,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import ConfigError, CheckpointError
+from ...errors import CheckpointError, ConfigError
 from ...models.base import DecoderLM, pack_for_inference
 from .blocks import Q8Linear
 from .layers import weight_mode
-from .plan import (QuantPlan, head_from_exact_rows, quantize_head, quantize_linear, quantize_linears,
-                   quantize_tied_head, septet_kernels)
+from .plan import (
+    QuantPlan,
+    head_from_exact_rows,
+    quantize_head,
+    quantize_linear,
+    quantize_linears,
+    quantize_tied_head,
+    septet_kernels,
+)
 
 
 class QuantizeOnLoad:

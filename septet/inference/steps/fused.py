@@ -20,7 +20,7 @@ import torch
 
 from ... import env, kernels
 from ...models.base import DecoderLM
-from ...models.llama import LLaMA, Block
+from ...models.llama import Block, LLaMA
 from ...nn.attention import KVCache
 from ...nn.mlp import SwiGLU
 from ...nn.norms import RMSNorm
