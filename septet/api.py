@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -11,6 +11,7 @@ import torch
 from . import assets
 from .checkpoints.native import latest_checkpoint
 from .errors import CheckpointError, ConfigError, SeptetError
+from .generation_config import generation_defaults
 from .inference import Sampling, generate_batch, generate_ids, optimize_for_inference, stream_text
 from .models import build, get_preset, presets
 from .models.base import DecoderLM
@@ -48,6 +49,8 @@ class LoadedModel:
     bos_id: int | None = None
     eos_ids: tuple[int, ...] = ()
     add_bos: bool = False
+    # the sampling its authors recommend (septet.generation_config): Sampling keywords
+    generation_defaults: dict = field(default_factory=dict)
 
     @property
     def bos_token(self) -> str:
@@ -222,7 +225,8 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device
         model = model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model, loaded.tokenizer, Path(loaded.source), name=p.name,
                        chat_template=loaded.chat_template, bos_id=loaded.bos_id,
-                       eos_ids=tuple(loaded.eos_ids), add_bos=loaded.add_bos)
+                       eos_ids=tuple(loaded.eos_ids), add_bos=loaded.add_bos,
+                       generation_defaults=generation_defaults(p, text))
 
 
 # GGUF block types that septet's int4 / int8 layers hold without loss or nearly so: Q4_1

@@ -30,8 +30,7 @@ from typing import Iterator, Literal
 
 from septet import env
 from septet.archives import extract_members
-from septet.asset_sources import (AssetUnavailable, GitHubArchive, LocalDir, PyPI, Source, SourceUnreachable,
-                                  sha256_file)
+from septet.asset_sources import AssetUnavailable, GitHubArchive, LocalDir, PyPI, Source, SourceUnreachable, sha256_file
 from septet.errors import AssetError
 from septet.fileio import atomic_dir, atomic_write_json
 

@@ -21,8 +21,7 @@ def _fmt_count(n: int) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> Any:
-    from .models import presets
-    from .models import describe
+    from .models import describe, presets
 
     rows = []
     for name, p in sorted(presets().items(), key=lambda kv: (kv[1].config.family, kv[0])):
@@ -215,7 +214,8 @@ def _registry_inference_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--quant", choices=("auto", "none", *MODES), default="auto",
                    help="weight-only quantised linear layers on septet's CPU kernels (LLaMA-family "
-                        "models then decode through septet's fused one-call step). auto (default): a GGUF file's own 4 / 8-bit blocks, kept as they are "
+                        "models then decode through septet's fused one-call step). auto (default): a GGUF "
+                        "file's own 4 / 8-bit blocks, kept as they are "
                         "(septet.api.native_quant), other files unquantised; -a8: activations quantised "
                         "to 8 bits per block too, llama.cpp's arithmetic")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weight dtype")
@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_flags(c)
 
     g = verb("generate", cmd_generate, "sample text from a model")
-    g.add_argument("--model", required=True, help="asset name (smollm2), checkpoint or run directory, HF/Meta dir, .gguf")
+    g.add_argument("--model", required=True,
+                   help="asset name (smollm2), checkpoint or run directory, HF/Meta dir, .gguf")
     g.add_argument("--prompt", default="")
     g.add_argument("--max-new-tokens", type=int, default=100)
     g.add_argument("--temperature", type=float, default=None,

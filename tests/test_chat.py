@@ -72,3 +72,66 @@ def test_smollm2_answers_paris(capsys, monkeypatch):
     assert main(["chat", "--model", "smollm2", "--json", "--temperature", "0", "--max-new-tokens", "20"]) == 0
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["assistant"]
     assert "Paris" in answer
+
+
+# --- sampling defaults from the model, the repetition guard ------------------------------
+
+def test_sampling_defaults_come_from_the_model_and_explicit_values_win(tiny_lm, monkeypatch):
+    from septet.chat import FALLBACK
+
+    assert ChatSession(tiny_lm).sampling["temperature"] == FALLBACK["temperature"]  # it has none
+    monkeypatch.setattr(tiny_lm, "generation_defaults", {"temperature": 0.2, "top_p": 0.9}, raising=False)
+    s = ChatSession(tiny_lm)
+    assert (s.sampling["temperature"], s.sampling["top_p"]) == (0.2, 0.9)
+    assert "temperature 0.2, top-p 0.9, repetition guard on" == s.describe()
+    s = ChatSession(tiny_lm, temperature=0, top_p=0.5)
+    assert (s.sampling["temperature"], s.sampling["top_p"]) == (0, 0.5)
+
+
+def test_the_cli_leaves_sampling_to_the_model_unless_asked():
+    from septet.cli import build_parser
+
+    args = build_parser().parse_args(["chat"])
+    assert args.temperature is None and args.top_p is None and args.repetition_guard
+    args = build_parser().parse_args(["chat", "--temperature", "0.9", "--no-repetition-guard"])
+    assert args.temperature == 0.9 and not args.repetition_guard
+    args = build_parser().parse_args(["generate", "--model", "m"])
+    assert args.temperature is None and args.top_p is None and args.top_k is None
+
+
+def test_the_guard_ends_a_looping_answer_and_keeps_one_copy(tiny_lm, monkeypatch):
+    loop = ["Oui", "!"] + [" Le", " mart", "eau", "."] * 50  # constructed: the reported loop's shape
+
+    monkeypatch.setattr(tiny_lm, "stream_ids", lambda ids, **kw: iter(loop))
+    s = ChatSession(tiny_lm, max_new_tokens=8)
+    streamed = "".join(s.reply("What is the capital of France?"))
+    assert s.stopped_repeating and streamed == "Oui!" + " Le marteau." * 4  # 4 copies of a 4-gram
+    assert s.turns[-1] == {"role": "assistant", "content": "Oui! Le marteau."}
+    s = ChatSession(tiny_lm, max_new_tokens=8, repetition_guard=False)
+    assert "".join(s.reply("again")) == "".join(loop) and not s.stopped_repeating
+    out = io.StringIO()
+    lines = iter(["hello", "/quit"])
+    run_repl(ChatSession(tiny_lm, max_new_tokens=8), read=lambda prompt: next(lines), out=out)
+    assert "[stopped: the answer repeats itself]" in out.getvalue()
+
+
+def test_generation_defaults_are_read_from_the_checkpoint_else_the_registry(tmp_path):
+    from septet.errors import CheckpointError
+    from septet.generation_config import from_asset, from_gguf_metadata, generation_defaults
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    assert generation_defaults(hf) == {}
+    (hf / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 50, "eos_token_id": 2}))
+    assert generation_defaults(hf, "smollm2") == {"temperature": 0.6, "top_p": 0.9, "top_k": 50}
+    (hf / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
+    assert generation_defaults(hf) == {"temperature": 0.0}  # greedy, as transformers decodes it
+    (hf / "generation_config.json").write_text(json.dumps({"temperature": "hot"}))
+    with pytest.raises(CheckpointError, match="'temperature' must be a number"):
+        generation_defaults(hf)
+    assert from_gguf_metadata({"general.sampling.temp": 0.8, "general.sampling.top_k": -1,
+                               "general.name": "x"}) == {"temperature": 0.8, "top_k": 0}
+    assert from_asset("smollm2") == {"temperature": 0.2, "top_p": 0.9}  # the model card's values
+    assert from_asset("shakespeare") == {} and from_asset("no-such-asset") == {}
+    assert generation_defaults(tmp_path / "missing.gguf", "smollm2") == {"temperature": 0.2, "top_p": 0.9}

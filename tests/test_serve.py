@@ -181,8 +181,8 @@ def test_requests_decoded_together_get_what_each_gets_alone(lm):
     stop strings, one row dropped when its client leaves; every other row's text is the one
     `septet.generate` gives for that prompt alone."""
     from septet.inference import Sampling
-    from septet.serve.scheduler import Job, Scheduler
     from septet.serve.openai import Request
+    from septet.serve.scheduler import Job, Scheduler
 
     scheduler = Scheduler(lm)  # its worker idles on the empty queue; the batch runs here
     prompts = ["To be, or not to be", "My lord", "What is the king doing in the garden today", "O"]
@@ -230,8 +230,8 @@ def test_an_unasked_budget_fits_the_context(server, lm):
 
 def test_a_request_arriving_mid_batch_joins_it_and_gets_what_it_gets_alone(lm):
     from septet.inference import Sampling
-    from septet.serve.scheduler import Job, Scheduler
     from septet.serve.openai import Request
+    from septet.serve.scheduler import Job, Scheduler
 
     def job(prompt: str, n: int) -> Job:
         return Job(Request(lm.prompt_ids(prompt), Sampling(max_new_tokens=n, temperature=0), (), False, False))
@@ -269,3 +269,28 @@ def test_the_chat_page_leaves_sampling_to_the_server():
     script = PAGE.split("<script>")[1].split("</script>")[0]
     assert "JSON.stringify({messages, stream: true" in script
     assert "temperature" not in script and "top_p" not in script
+
+
+def test_a_looping_reply_is_ended_by_the_repetition_guard(lm):
+    """A row whose tokens become one n-gram repeated back to back (constructed ids, fed to the
+    scheduler's per-token hand-off) ends as "stop" once the guard sees the loop; with the
+    guard off in the request it runs to its budget."""
+    from septet.inference import Sampling
+    from septet.serve.openai import Request, RequestError, parse_completion
+    from septet.serve.scheduler import Job, Scheduler, _Row
+
+    loop = [40, 41, 42, 43, 44]  # a 5-token phrase, repeated
+    stop_ids, context = lm.stop_ids(), lm.model.config.context
+    ended = {}
+    for guard in (True, False):
+        row = _Row(Job(Request([5, 6], Sampling(max_new_tokens=60, temperature=0), (), False, False, guard)), lm)
+        n = 0
+        while Scheduler._emit(row, loop[n % 5], stop_ids, context):
+            n += 1
+        ended[guard] = (n + 1, row.job.finish_reason)
+    assert ended[True] == (20, "stop")  # 4 copies of the phrase: the guard's threshold
+    assert ended[False] == (60, "length")
+    assert parse_completion({"prompt": "x", "max_tokens": 4}, lm).repetition_guard is True
+    assert parse_completion({"prompt": "x", "max_tokens": 4, "repetition_guard": False}, lm).repetition_guard is False
+    with pytest.raises(RequestError, match="repetition_guard"):
+        parse_completion({"prompt": "x", "repetition_guard": "yes"}, lm)

@@ -148,9 +148,6 @@ class EasyVQA:
     def questions_for(self, image_id: int) -> list[Question]:
         return self._by_image[image_id]
 
-    def answer_index(self, answer: str) -> int:
-        return self.answers.index(answer)
-
     def image_path(self, image_id: int) -> Path:
         return self.image_dir / f"{image_id}.png"
 

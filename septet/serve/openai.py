@@ -1,9 +1,9 @@
 """The OpenAI-compatible request and response shapes, with no HTTP in them.
 
 `parse_completion` / `parse_chat` check a request body and turn it into a `Request` (prompt
-ids, Sampling, stop strings; septet.serve.batcher runs it); `response` / `chunk` build the JSON objects the OpenAI API returns (a
-whole completion, or one server-sent event of a stream). Errors are `RequestError`, a
-one-line message naming the field and the fix, sent back as HTTP 400.
+ids, Sampling, stop strings; septet.serve.scheduler runs it); `response` / `chunk` build the
+JSON objects the OpenAI API returns (a whole completion, or one server-sent event of a stream).
+Errors are `RequestError`, a one-line message naming the field and the fix, sent back as HTTP 400.
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ from typing import Any
 from ..api import LoadedModel
 from ..chat_template import DEFAULT_TEMPLATE, render_chat
 from ..errors import SeptetError
-from ..generate import Sampling
+from ..generation_config import sampling_for
+from ..inference import Sampling
 
 MAX_STOPS = 4  # as the OpenAI API
+# a field the request leaves out takes the model's recommended value (lm.generation_defaults,
+# septet.generation_config), else the OpenAI API's default, here
+FALLBACK = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 class RequestError(SeptetError):
@@ -32,6 +36,7 @@ class Request:
     stop: tuple[str, ...]
     stream: bool
     chat: bool
+    repetition_guard: bool = True  # end the reply once it loops (septet.inference.repetition)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -78,14 +83,19 @@ def _common(body: dict, lm: LoadedModel, ids: list[int], chat: bool, default_max
     if len(ids) + max_new > context:
         raise RequestError(f"the prompt is {len(ids)} tokens and '{key}' {max_new}: more than the model's "
                            f"context of {context}; shorten the prompt or lower '{key}'")
+    d = sampling_for(lm, FALLBACK)
     sampling = Sampling(max_new_tokens=max_new,
-                        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                        top_p=_number(body, "top_p", 1.0, 1e-6, 1.0),
-                        top_k=_int(body, "top_k", 0, 0, 1 << 30),
-                        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
-                        repetition_penalty=_number(body, "repetition_penalty", 1.0, 1e-3, 100.0),
+                        temperature=_number(body, "temperature", d["temperature"], 0.0, 2.0),
+                        top_p=_number(body, "top_p", d["top_p"], 1e-6, 1.0),
+                        top_k=_int(body, "top_k", d["top_k"], 0, 1 << 30),
+                        min_p=_number(body, "min_p", d["min_p"], 0.0, 1.0),
+                        repetition_penalty=_number(body, "repetition_penalty", d["repetition_penalty"],
+                                                   1e-3, 100.0),
                         seed=_int(body, "seed", None, 0, (1 << 63) - 1), compile=compile)
-    return Request(ids, sampling, tuple(stops), body.get("stream", False), chat)
+    guard = body.get("repetition_guard", True)
+    if not isinstance(guard, bool):
+        raise RequestError("field 'repetition_guard' must be true or false")
+    return Request(ids, sampling, tuple(stops), body.get("stream", False), chat, guard)
 
 
 def parse_completion(body: Any, lm: LoadedModel, default_max: int = 16, compile: bool = False) -> Request:
@@ -97,7 +107,7 @@ def parse_completion(body: Any, lm: LoadedModel, default_max: int = 16, compile:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise RequestError("field 'prompt' must be a string (one prompt per request)")
-    return _common(body, lm, lm._prompt_ids(prompt), False, default_max, compile)
+    return _common(body, lm, lm.prompt_ids(prompt), False, default_max, compile)
 
 
 def _text_content(m: dict, i: int) -> str:

@@ -1,6 +1,7 @@
 """The chat page `septet serve` shows at GET /: plain HTML and JavaScript, no external files.
 It keeps the conversation in the page and streams each answer from /v1/chat/completions;
-text is inserted with textContent, never as HTML."""
+text is inserted with textContent, never as HTML. It sends no temperature or top_p, so the
+server's defaults apply: the model's recommended values (septet.generation_config)."""
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -40,7 +41,7 @@ document.getElementById("f").onsubmit = async e => {
   q.value = ""; add("user", text); messages.push({role: "user", content: text});
   const out = add("assistant", "");
   const r = await fetch("/v1/chat/completions", {method: "POST", headers: {"Content-Type": "application/json"},
-    body: JSON.stringify({messages, stream: true, temperature: 0.7, top_p: 0.9, max_tokens: 256})});
+    body: JSON.stringify({messages, stream: true, max_tokens: 256})});  // sampling: the server's defaults
   if (!r.ok) { out.className = "error"; out.textContent = (await r.json()).error.message; messages.pop(); return; }
   const reader = r.body.getReader(), dec = new TextDecoder(); let buf = "";
   for (;;) {

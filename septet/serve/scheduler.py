@@ -24,6 +24,7 @@ import torch
 
 from ..api import LoadedModel
 from ..inference import DecodeBatch, TextStream, optimize_for_inference
+from ..inference.repetition import RepetitionGuard
 from .openai import Request
 
 _END = object()
@@ -55,11 +56,12 @@ class Job:
 
 
 class _Row:
-    """What one request needs besides the batch's row: its job and text stream."""
+    """What one request needs besides the batch's row: its job, text stream and loop guard."""
 
     def __init__(self, job: Job, lm: LoadedModel):
         self.job = job
         self.stream = TextStream(lm.tokenizer, job.req.stop)
+        self.guard = RepetitionGuard() if job.req.repetition_guard else None
 
 
 class Scheduler:
@@ -138,14 +140,15 @@ class Scheduler:
         stop_ids = self.lm.stop_ids()
         context = self.lm.model.config.context
         for tokens in batch.decode(admit=lambda b: self._admit(b, rows, everyone)):
-            keep = [k for k, (row, t) in enumerate(zip(rows, tokens))
-                    if self._emit(row.job, row.stream, t, stop_ids, context)]
+            keep = [k for k, (row, t) in enumerate(zip(rows, tokens)) if self._emit(row, t, stop_ids, context)]
             rows[:] = [rows[k] for k in keep]
             batch.keep(keep)
 
     @staticmethod
-    def _emit(job: Job, ts: TextStream, t: int, stop_ids: set[int], context: int) -> bool:
-        """Hand token t of `job` to its client; False when the job is finished."""
+    def _emit(row: _Row, t: int, stop_ids: set[int], context: int) -> bool:
+        """Hand token t of a row's job to its client; False when the job is finished. A reply
+        caught in a loop (the row's RepetitionGuard) ends as "stop"; what was sent stays sent."""
+        job, ts = row.job, row.stream
         job.completion_tokens += 1
         done = job.cancelled.is_set()
         if t in stop_ids:
@@ -154,7 +157,7 @@ class Scheduler:
             piece = ts.push(t)
             if piece:
                 job._out.put(piece)
-            if ts.stopped:
+            if ts.stopped or (row.guard is not None and row.guard.push(t)):
                 job.finish_reason, done = "stop", True
         if not done and (job.completion_tokens >= job.req.sampling.max_new_tokens
                          or len(job.req.ids) + job.completion_tokens >= context):
