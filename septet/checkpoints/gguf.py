@@ -298,9 +298,9 @@ def _halves(blocks: np.ndarray, at: int) -> np.ndarray:
     return blocks[:, at:at + 2].copy().view("<f2").astype(np.float32)
 
 
-# numpy, vectorised over chunks of blocks (measured: ~20x faster than torch's uint8 ops on
-# this CPU and ~3x the gguf package, which loops over row groups in Python). Each writes
-# the values of `blocks` (nb, block bytes) into `out` (nb, 32) float32.
+# numpy, vectorised over chunks of blocks (faster than torch's uint8 ops, and than the gguf
+# package, which loops over row groups in Python; docs/benchmarks.md). Each writes the values
+# of `blocks` (nb, block bytes) into `out` (nb, 32) float32.
 def _dequant_q4_1(blocks: np.ndarray, out: np.ndarray) -> None:
     # block of 32: fp16 d, fp16 m, 16 bytes; value j = (lo nibble j)·d + m, j+16 = (hi nibble j)·d + m
     qs = blocks[:, 4:]

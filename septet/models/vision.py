@@ -240,7 +240,7 @@ def load_efficientnet_lite0(path: str | Path | None = None, *, frozen: bool = Tr
     """EfficientNet-Lite0 with its ImageNet weights (default: the `efficientnet-lite0` asset).
 
     frozen=True (the VLM use): eval mode, so BatchNorm uses its running statistics and
-    dropout is off, BatchNorm folded into the convs (~2x faster on a CPU), and no
+    dropout is off, BatchNorm folded into the convs (faster on a CPU), and no
     parameter requires a gradient. frozen=False keeps the released module layout."""
     if path is None:
         from septet.assets import asset_file

@@ -31,7 +31,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (F.rms_norm measured 3x slower on one decode row: it runs as a decomposition)
+        # (not F.rms_norm: it runs as a decomposition, slower on one decode row; docs/benchmarks.md)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()

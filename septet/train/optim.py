@@ -174,9 +174,9 @@ def build_optimizer(
     key = name.lower()
     if key == "adamw":
         # fused: one kernel updates every parameter. Without it torch runs ~8 small ops per
-        # parameter tensor (passing fused=False also turns off its multi-tensor default):
-        # measured 51 ms vs 15 ms per step for llama-tiny on one CPU thread, and on a GPU
-        # those per-tensor launches made a 125M-parameter step CPU-bound.
+        # parameter tensor (passing fused=False also turns off its multi-tensor default), a
+        # large share of a tiny model's CPU step, and on a GPU those per-tensor launches made a
+        # 125M-parameter step CPU-bound (docs/benchmarks.md).
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
     if key == "adafactor":
         return Adafactor(groups, lr=lr, beta1=betas[0], weight_decay=weight_decay)
