@@ -248,9 +248,13 @@ def test_settled_rule_only_for_line_bound_regexes(gen_task):
 @pytest.mark.slow
 def test_real_bigbench_task_with_smollm2():
     import septet
+    from septet import assets
     from septet.eval.scoring import Scorer
 
-    task = bigbench.load_bigbench("cause_and_effect/one_sentence")
+    try:
+        task = bigbench.load_bigbench("cause_and_effect/one_sentence")
+    except assets.AssetUnavailable as e:  # no source reachable here: say which and why
+        pytest.skip(str(e))
     sc = Scorer.from_loaded(septet.load("smollm2"))
     rows = bigbench.evaluate(task, sc, 0, limit=8)
     (row,) = rows

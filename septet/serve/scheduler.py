@@ -54,6 +54,13 @@ class Job:
     def close(self) -> None:
         self.cancelled.set()
 
+    def send(self, item: str | BaseException) -> None:
+        """A text piece for the client, or the error that ended the request."""
+        self._out.put(item)
+
+    def end(self) -> None:
+        self._out.put(_END)
+
 
 class _Row:
     """What one request needs besides the batch's row: its job, text stream and loop guard."""
@@ -114,7 +121,7 @@ class Scheduler:
             self._generate(batch, rows, everyone)
         except BaseException as e:  # a bug: every open request hears of it; the worker lives on
             for job in everyone:  # (a finished one has ended its stream: it never reads this)
-                job._out.put(e)
+                job.send(e)
 
     def _admit(self, batch: DecodeBatch, rows: list[_Row], everyone: list[Job]) -> None:
         """Let waiting requests join the running batch, while there is room."""
@@ -128,7 +135,7 @@ class Scheduler:
             try:
                 batch.admit(job.req.ids, job.req.sampling.max_new_tokens, job.req.sampling)
             except Exception as e:  # only this request fails; the batch goes on
-                job._out.put(e)
+                job.send(e)
                 continue
             rows.append(_Row(job, self.lm))
             everyone.append(job)
@@ -156,7 +163,7 @@ class Scheduler:
         else:
             piece = ts.push(t)
             if piece:
-                job._out.put(piece)
+                job.send(piece)
             if ts.stopped or (row.guard is not None and row.guard.push(t)):
                 job.finish_reason, done = "stop", True
         if not done and (job.completion_tokens >= job.req.sampling.max_new_tokens
@@ -166,6 +173,6 @@ class Scheduler:
             if not ts.stopped:  # text held back (a partial character, a possible stop string)
                 rest = ts.finish()
                 if rest:
-                    job._out.put(rest)
-            job._out.put(_END)
+                    job.send(rest)
+            job.end()
         return not done
