@@ -1,4 +1,4 @@
-"""Corpus loading, packing and the resumable Batcher."""
+"""Corpus loading, packing and the resumable PackedBatches."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from septet.data.corpus import corpus_fingerprint, load_documents
-from septet.data.packing import Batcher, PackedCorpus, cached_pack, iter_eval_batches, pack_documents
+from septet.data.packing import PackedBatches, PackedCorpus, cached_pack, iter_eval_batches, pack_documents
 from septet.errors import ConfigError, DataError
 from septet.tokenizer import Tokenizer
 
@@ -117,17 +117,17 @@ def test_cached_pack(tok, tmp_path):
     assert len(list(tmp_path.glob("pack-*"))) == 2
 
 
-# ------------------------------------------------------------------------------- batcher
+# ------------------------------------------------------------------------------- batches
 
 TOKENS = np.arange(1000, dtype=np.uint16)  # token value == position, so windows are easy to read
 
 
-def _take(b: Batcher, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _take(b: PackedBatches, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [b.next_batch() for _ in range(n)]
 
 
 def test_batches_are_shifted_windows():
-    b = Batcher(TOKENS, seq_len=10, batch_size=4, seed=0)
+    b = PackedBatches(TOKENS, seq_len=10, batch_size=4, seed=0)
     x, y = b.next_batch()
     assert x.dtype == torch.int64 and x.shape == (4, 10) and y.shape == (4, 10)
     assert torch.equal(y[:, :-1], x[:, 1:])
@@ -136,15 +136,15 @@ def test_batches_are_shifted_windows():
 
 
 def test_determinism_and_seed():
-    a = _take(Batcher(TOKENS, 10, 4, seed=1), 5)
-    b = _take(Batcher(TOKENS, 10, 4, seed=1), 5)
-    c = _take(Batcher(TOKENS, 10, 4, seed=2), 5)
+    a = _take(PackedBatches(TOKENS, 10, 4, seed=1), 5)
+    b = _take(PackedBatches(TOKENS, 10, 4, seed=1), 5)
+    c = _take(PackedBatches(TOKENS, 10, 4, seed=2), 5)
     assert all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
     assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, c))
 
 
 def test_every_window_once_per_epoch():
-    b = Batcher(TOKENS, seq_len=10, batch_size=4, seed=3)
+    b = PackedBatches(TOKENS, seq_len=10, batch_size=4, seed=3)
     assert b.n_windows == 99 and b.batches_per_epoch == 24  # 3 tail windows skipped per epoch
     for epoch in range(2):
         starts = torch.cat([x[:, 0] for x, _ in _take(b, b.batches_per_epoch)]).tolist()
@@ -153,18 +153,18 @@ def test_every_window_once_per_epoch():
 
 
 def test_resume_from_state_dict():
-    a = Batcher(TOKENS, 10, 4, seed=5)
+    a = PackedBatches(TOKENS, 10, 4, seed=5)
     _take(a, 30)  # crosses an epoch boundary
     state = a.state_dict()
     assert state == {"epoch": 1, "batch_in_epoch": 6, "seed": 5}
     expected = _take(a, 40)
-    b = Batcher(TOKENS, 10, 4, seed=999)
+    b = PackedBatches(TOKENS, 10, 4, seed=999)
     b.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
     assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(expected, _take(b, 40)))
 
 
 def test_skip_equals_next():
-    a, b = Batcher(TOKENS, 10, 4, seed=7), Batcher(TOKENS, 10, 4, seed=7)
+    a, b = PackedBatches(TOKENS, 10, 4, seed=7), PackedBatches(TOKENS, 10, 4, seed=7)
     _take(a, 37)
     b.skip(37)
     assert a.state_dict() == b.state_dict()
@@ -172,8 +172,8 @@ def test_skip_equals_next():
 
 
 def test_ranks_concatenate_to_global_batch():
-    one = Batcher(TOKENS, 10, 4, seed=11)
-    ranks = [Batcher(TOKENS, 10, 4, seed=11, rank=r, world_size=2) for r in range(2)]
+    one = PackedBatches(TOKENS, 10, 4, seed=11)
+    ranks = [PackedBatches(TOKENS, 10, 4, seed=11, rank=r, world_size=2) for r in range(2)]
     for _ in range(30):
         x, y = one.next_batch()
         parts = [r.next_batch() for r in ranks]
@@ -182,11 +182,11 @@ def test_ranks_concatenate_to_global_batch():
         assert torch.equal(torch.cat([p[1] for p in parts]), y)
 
 
-def test_batcher_config_errors():
+def test_packed_batches_config_errors():
     with pytest.raises(ConfigError, match="not divisible by world_size=3"):
-        Batcher(TOKENS, 10, 4, seed=0, world_size=3)
+        PackedBatches(TOKENS, 10, 4, seed=0, world_size=3)
     with pytest.raises(DataError, match="has 50 tokens"):
-        Batcher(TOKENS[:50], 10, 8, seed=0)
+        PackedBatches(TOKENS[:50], 10, 8, seed=0)
 
 
 def test_global_rng_untouched():
@@ -195,7 +195,7 @@ def test_global_rng_untouched():
     expected_t, expected_n = torch.rand(1), np.random.rand()
     torch.manual_seed(0)
     np.random.seed(0)
-    _take(Batcher(TOKENS, 10, 4, seed=0), 30)
+    _take(PackedBatches(TOKENS, 10, 4, seed=0), 30)
     assert torch.equal(torch.rand(1), expected_t) and np.random.rand() == expected_n
 
 

@@ -112,7 +112,7 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torc
     return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
-class Batcher:
+class PackedBatches:
     """Shuffled, resumable training batches over non-overlapping windows of a token stream.
 
     Window i is tokens[i*seq_len : i*seq_len + seq_len + 1]. Epoch e visits every window once,
@@ -134,7 +134,7 @@ class Batcher:
         world_size: int = 1,
     ) -> None:
         if tokens.ndim != 1:
-            raise DataError(f"Batcher needs a 1-D token stream, got shape {tuple(tokens.shape)}")
+            raise DataError(f"PackedBatches needs a 1-D token stream, got shape {tuple(tokens.shape)}")
         if seq_len < 1 or batch_size < 1:
             raise ConfigError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1")
         if world_size < 1 or not 0 <= rank < world_size:

@@ -30,7 +30,7 @@ from .. import assets
 from ..checkpoints.native import Checkpoint
 from ..config import DecoderConfig
 from ..data.corpus import corpus_fingerprint, load_documents
-from ..data.packing import Batcher, PackedCorpus, cached_pack, iter_eval_batches
+from ..data.packing import PackedBatches, PackedCorpus, cached_pack, iter_eval_batches
 from ..errors import ConfigError
 from ..models import build, config_from_dict, describe, get_preset
 from ..models.base import DecoderLM
@@ -171,7 +171,7 @@ class Trainer:
         self.grad_clip = tc.grad_clip if tc.grad_clip is not None else r.grad_clip
         wd = tc.weight_decay if tc.weight_decay is not None else r.weight_decay
         self.optimizer = build_optimizer(self.model, self.opt_name, self.lr, wd, betas=r.betas)
-        self.batches = Batcher(self.data.train, self.seq_len, tc.batch_size, seed=tc.seed,
+        self.batches = PackedBatches(self.data.train, self.seq_len, tc.batch_size, seed=tc.seed,
                                rank=self.d.rank, world_size=self.d.world_size)
         self.guard = SpikeGuard(tc.spike_factor, tc.spike_window)
         opts = LoopOptions(out=self.out, steps=tc.steps, eval_every=tc.eval_every, ckpt_every=tc.ckpt_every,

@@ -4,7 +4,7 @@ A trainer (the LM pretrainer in loop.py, the VLM bridge and CLIP trainers in sep
 and the fine-tuning and alignment trainers to come) supplies only what is its own:
 
     batches                 its data source; batches.state_dict() / load_state_dict() hold
-                            the resumable position (a packing.Batcher, or SeededDraws)
+                            the resumable position (a packing.PackedBatches, or SeededDraws)
     train_step() -> dict    one optimizer update, which draws its batch(es) from `batches`;
                             returns the metrics row, or {"spike": loss} to reject the update
                             with no parameter changed (a loss-spike guard, see below)
