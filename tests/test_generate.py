@@ -152,6 +152,18 @@ def test_batched_stop_ids_end_rows_independently(tiny):
         assert r == expect
 
 
+def test_batched_rows_end_when_until_says_so(tiny):
+    """`until(row, ids)` ends a row on its ids so far (the scorer's stop strings): row 0
+    after three tokens, row 1 once it has produced the token row 0 produced first."""
+    prompts = [[1, 2], [3, 4, 5, 6]]
+    s = Sampling(max_new_tokens=8, temperature=0)
+    free = generate_batch(tiny, prompts, s)
+    first = free[0][0]
+    rows = generate_batch(tiny, prompts, s, until=lambda r, ids: len(ids) == 3 if r == 0 else ids[-1] == first)
+    assert rows[0] == free[0][:3]
+    assert rows[1] == (free[1][:free[1].index(first) + 1] if first in free[1] else free[1])
+
+
 def test_packed_inference_model_computes_the_same(tiny):
     name = "llama-tiny" if tiny.config.family == "llama" else "gpt3-tiny"
     over = dict(MODELS)[name]

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import InputError
-from ..inference import DecodeBatch, Sampling, beam_search, gnmt_penalty, new_token_budget, optimize_for_inference
+from ..inference import DecodeBatch, Sampling, beam_search, generate_batch, gnmt_penalty, optimize_for_inference
 from ..models.base import DecoderLM
 
 BOUNDARIES = ("joint", "separate")
@@ -264,33 +264,24 @@ class Scorer:
         return outs
 
     def _greedy_batch(self, prompts, stop, max_new_tokens, done) -> list[str]:
-        B, P = len(prompts), max(len(p) for p in prompts)
+        P = max(len(p) for p in prompts)
         if P >= self.context:
             raise InputError(f"prompt of {P} tokens leaves no room in the model's context of "
                              f"{self.context}; use fewer shots")
-        texts = [""] * B
-        if new_token_budget(self.model, P, max_new_tokens) == 0:
-            return texts
-        batch = DecodeBatch(self.model, prompts, max_new_tokens=max_new_tokens, compile=self.compile,
-                            sampling=Sampling(max_new_tokens=max_new_tokens, temperature=0.0))
-        new: list[list[int]] = [[] for _ in range(B)]
-        finished = [False] * B
-        for step, tokens in enumerate(batch.decode()):
-            for r, t in enumerate(tokens):
-                if finished[r]:
-                    continue
-                if t in self.stop_ids:
-                    finished[r] = True
-                    continue
-                new[r].append(t)
-                texts[r] = self.decode(new[r])
-                cut = _cut_at_stop(texts[r], stop)
-                if cut is not None:
-                    texts[r], finished[r] = cut, True
-                elif done is not None and done(texts[r]):
-                    finished[r] = True
-            if all(finished) or step == batch.budget - 1:
-                break
+        texts = [""] * len(prompts)
+
+        def ended(r: int, ids: list[int]) -> bool:
+            if ids[-1] in self.stop_ids:  # the text so far is the answer
+                return True
+            texts[r] = self.decode(ids)
+            cut = _cut_at_stop(texts[r], stop)
+            if cut is not None:
+                texts[r] = cut
+                return True
+            return done is not None and done(texts[r])
+
+        generate_batch(self.model, prompts, Sampling(max_new_tokens=max_new_tokens, temperature=0.0,
+                                                     compile=self.compile), until=ended)
         return texts
 
     @torch.inference_mode()

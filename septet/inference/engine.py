@@ -98,25 +98,33 @@ class DecodeBatch:
             raise InputError("no prompts to decode")
         for p in prompts:
             check_prompt(model, len(p))
-        self.model, self.compile = model, compile
-        self.device = device = next(model.parameters()).device
+        device = next(model.parameters()).device
         P = max(len(p) for p in prompts)
-        self.budget = new_token_budget(model, P, max_new_tokens)
-        S = cache_slots(model, P + self.budget, compile)
-        tokens, self.pad = left_pad(prompts, device, pad_id)  # (B, P), (B,)
-        self.cache = model.new_cache(len(prompts), S, cache_cls=KernelKVCache)
-        self._masks()
+        budget = new_token_budget(model, P, max_new_tokens)
+        tokens, pad = left_pad(prompts, device, pad_id)  # (B, P), (B,)
+        cache = model.new_cache(len(prompts), cache_slots(model, P + budget, compile), cache_cls=KernelKVCache)
+        self._setup(model, cache, pad, budget, compile=compile)
         positions = model.row_positions(self.pad, 0, P) if self.any_pad else None
         mask = self.key_mask[:, :P] if self.any_pad else None
         self.logits = model(tokens, cache=self.cache, positions=positions, pad_mask=mask,
                             last_only=True)[:, -1]  # (B, V)
-        self.sampler: RowSampler | None = None
         if sampling is not None:
             self.sampler = RowSampler(sampling, prompts, model.config.vocab_size, device)
-        self.row_inputs: dict[str, torch.Tensor] = {}
-        self.plain = True  # a DecoderLM fed token ids only: the step implementations apply
+
+    def _setup(self, model, cache: KVCache, pad: torch.Tensor, budget: int, *, compile: bool = False,
+               row_inputs: dict[str, torch.Tensor] | None = None) -> None:
+        """The state every batch has, whichever way it was made (prompts, a conditioned
+        prefill, a fork); `logits` is set by the maker."""
+        self.model, self.compile, self.cache, self.budget = model, compile, cache, budget
+        self.device = pad.device
+        self.pad = pad  # (B,) each row's left padding
+        self.row_inputs = dict(row_inputs or {})
+        # a DecoderLM fed token ids only: the step implementations apply
+        self.plain = isinstance(model, DecoderLM) and not self.row_inputs
+        self.sampler: RowSampler | None = None
         self._step: StepFn | None = None
         self._next: torch.Tensor | None = None  # the tokens decode() yielded last, per row
+        self._masks()
 
     @classmethod
     def conditioned(cls, model, prefill: Callable[[KVCache], torch.Tensor], *, rows: int, slots: int,
@@ -131,17 +139,11 @@ class DecodeBatch:
         Flamingo's visual tokens, (rows, ...)) that follow the rows through keep and fork.
         With none, steps take the usual step (fused where the model allows)."""
         out = object.__new__(cls)
-        out.model, out.compile = model, False
-        out.cache = new_cache(rows, slots) if new_cache is not None else \
+        cache = new_cache(rows, slots) if new_cache is not None else \
             model.new_cache(rows, slots, cache_cls=KernelKVCache)
-        out.device = out.cache.k[0].device
-        out.budget = budget
-        out.pad = torch.zeros(rows, dtype=torch.long, device=out.device)
-        out._masks()
-        out.logits = prefill(out.cache)
-        out.row_inputs = dict(row_inputs or {})
-        out.plain = isinstance(model, DecoderLM) and not out.row_inputs
-        out.sampler, out._step, out._next = None, None, None
+        pad = torch.zeros(rows, dtype=torch.long, device=next(model.parameters()).device)
+        out._setup(model, cache, pad, budget, row_inputs=row_inputs)
+        out.logits = prefill(cache)
         return out
 
     # ------------------------------------------------------------------ state
@@ -211,13 +213,9 @@ class DecodeBatch:
         idx = rows if isinstance(rows, torch.Tensor) else torch.tensor(list(rows), dtype=torch.long)
         idx = idx.to(self.device)
         out = object.__new__(DecodeBatch)
-        out.model, out.compile, out.device = self.model, self.compile, self.device
-        out.budget = extra_slots
-        out.cache = self.cache.select(idx, self.cache.pos + extra_slots)
-        out.pad, out.logits = self.pad[idx], self.logits[idx]
-        out.row_inputs, out.plain = {k: v[idx] for k, v in self.row_inputs.items()}, self.plain
-        out._masks()
-        out.sampler, out._step, out._next = None, None, None
+        out._setup(self.model, self.cache.select(idx, self.cache.pos + extra_slots), self.pad[idx], extra_slots,
+                   compile=self.compile, row_inputs={k: v[idx] for k, v in self.row_inputs.items()})
+        out.logits = self.logits[idx]
         return out
 
     def grow(self, max_len: int) -> None:
