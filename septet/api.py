@@ -226,7 +226,7 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device
     return LoadedModel(model, loaded.tokenizer, Path(loaded.source), name=p.name,
                        chat_template=loaded.chat_template, bos_id=loaded.bos_id,
                        eos_ids=tuple(loaded.eos_ids), add_bos=loaded.add_bos,
-                       generation_defaults=generation_defaults(p, text))
+                       generation_defaults=generation_defaults(loaded.generation, text))
 
 
 # GGUF block types that septet's int4 / int8 layers hold without loss or nearly so: Q4_1

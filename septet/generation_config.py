@@ -8,8 +8,9 @@ Where they come from, first found wins:
 2. septet's asset registry: `Asset.generation`, for files that carry none (SmolLM2's GGUF);
 3. nothing: an empty dict, and each front end keeps its own fallback.
 
-`generation_defaults(path, name)` is called once at load time (`septet.load`), and the result
-is kept on the LoadedModel as `generation_defaults`: a dict of `Sampling` keywords.
+The checkpoint loaders read 1. while they read the file (`Loaded.generation`);
+`generation_defaults(found, name)` adds 2. at load time (`septet.load`), and the result is kept
+on the LoadedModel as `generation_defaults`: a dict of `Sampling` keywords.
 `sampling_for(lm, fallback, **explicit)` is how chat, serve and generate pick their values:
 an explicit value (a flag, a request field) wins, then the model's default, then the front
 end's fallback.
@@ -79,20 +80,11 @@ def from_asset(name: str) -> dict[str, float | int]:
     return _clean(dict(asset.generation), f"asset {asset.name}")
 
 
-def generation_defaults(path: str | Path | None, name: str | None = None) -> dict[str, float | int]:
-    """The model's recommended sampling values: its checkpoint's own, else those of registry
-    asset `name` (the name it was loaded by), else {}."""
-    found: dict[str, float | int] = {}
-    p = Path(path) if path is not None else None
-    if p is not None and p.is_dir():
-        found = from_hf_dir(p)
-    elif p is not None and p.suffix == ".gguf" and p.is_file():
-        from .checkpoints.gguf import read_gguf
-
-        found = from_gguf_metadata(read_gguf(p).metadata)
-    if not found and name:
-        found = from_asset(name)
-    return found
+def generation_defaults(found: Mapping[str, float | int], name: str | None = None) -> dict[str, float | int]:
+    """The model's recommended sampling values: what its checkpoint carries (`found`, read by
+    the loader: `Loaded.generation`), else those of registry asset `name` (the name it was
+    loaded by), else {}."""
+    return dict(found) if found else from_asset(name) if name else {}
 
 
 def sampling_for(lm: Any, fallback: Mapping[str, Any], **explicit: Any) -> dict[str, Any]:

@@ -117,21 +117,23 @@ def test_the_guard_ends_a_looping_answer_and_keeps_one_copy(tiny_lm, monkeypatch
 
 def test_generation_defaults_are_read_from_the_checkpoint_else_the_registry(tmp_path):
     from septet.errors import CheckpointError
-    from septet.generation_config import from_asset, from_gguf_metadata, generation_defaults
+    from septet.generation_config import from_asset, from_gguf_metadata, from_hf_dir, generation_defaults
 
     hf = tmp_path / "hf"
     hf.mkdir()
-    assert generation_defaults(hf) == {}
+    assert from_hf_dir(hf) == {} and generation_defaults(from_hf_dir(hf)) == {}
     (hf / "generation_config.json").write_text(json.dumps(
         {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 50, "eos_token_id": 2}))
-    assert generation_defaults(hf, "smollm2") == {"temperature": 0.6, "top_p": 0.9, "top_k": 50}
+    found = from_hf_dir(hf)
+    assert generation_defaults(found, "smollm2") == {"temperature": 0.6, "top_p": 0.9, "top_k": 50}
     (hf / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
-    assert generation_defaults(hf) == {"temperature": 0.0}  # greedy, as transformers decodes it
+    assert from_hf_dir(hf) == {"temperature": 0.0}  # greedy, as transformers decodes it
     (hf / "generation_config.json").write_text(json.dumps({"temperature": "hot"}))
     with pytest.raises(CheckpointError, match="'temperature' must be a number"):
-        generation_defaults(hf)
+        from_hf_dir(hf)
     assert from_gguf_metadata({"general.sampling.temp": 0.8, "general.sampling.top_k": -1,
                                "general.name": "x"}) == {"temperature": 0.8, "top_k": 0}
     assert from_asset("smollm2") == {"temperature": 0.2, "top_p": 0.9}  # the model card's values
     assert from_asset("shakespeare") == {} and from_asset("no-such-asset") == {}
-    assert generation_defaults(tmp_path / "missing.gguf", "smollm2") == {"temperature": 0.2, "top_p": 0.9}
+    assert generation_defaults({}, "smollm2") == {"temperature": 0.2, "top_p": 0.9}
+

@@ -324,6 +324,17 @@ def test_save_gguf(tmp_path, dtype):
 
 # ============================================================================ load_any / export
 
+def test_the_loaders_read_the_files_sampling_values(tmp_path):
+    """An HF directory's generation_config.json reaches Loaded.generation (and so
+    septet.load's generation_defaults); a directory without one recommends nothing."""
+    _hf_llama(False, seed=10).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6,
+                                                                         "top_p": 0.95}))
+    assert load_any(tmp_path / "hf").generation == {"temperature": 0.6, "top_p": 0.95}
+    (tmp_path / "hf" / "generation_config.json").unlink()
+    assert load_any(tmp_path / "hf").generation == {}
+
+
 def test_load_any_and_export(tmp_path):
     hf = _hf_llama(False, seed=10)
     hf.save_pretrained(tmp_path / "hf")

@@ -26,3 +26,4 @@ class Loaded:
     add_bos: bool = False  # prepend bos_id when encoding a prompt
     source: str = ""  # the file or directory it came from
     metadata: dict = field(default_factory=dict)  # format-specific extras, for reports
+    generation: dict = field(default_factory=dict)  # sampling values the file recommends (generation_config)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..generation_config import from_gguf_metadata
 from ..models import build_on_meta
 from . import Loaded
 
@@ -581,7 +582,8 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         types[t.type_name] = types.get(t.type_name, 0) + 1
     report.update({"gguf.version": info.version, "gguf.tensor_types": types})
     return Loaded(config=config, state_dict=state, tokenizer=tok, chat_template=chat, bos_id=bos,
-                  eos_ids=eos, add_bos=add_bos, source=str(info.path), metadata=report)
+                  eos_ids=eos, add_bos=add_bos, source=str(info.path), metadata=report,
+                  generation=from_gguf_metadata(info.metadata))
 
 
 __all__ = ["GGUFInfo", "TensorInfo", "SUPPORTED_TYPES", "dequantize", "llama_config", "load_gguf", "q8_0_blocks",

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config import DecoderConfig
 from ..errors import CheckpointError, ConfigError
+from ..generation_config import from_hf_dir
 from ..models import config_from_dict
 from ..models.gpt3 import GPT3Config
 from ..models.llama import LLaMAConfig
@@ -512,7 +513,7 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> L
     return Loaded(config=config, state_dict=state, source=str(path),
                   metadata={"format": "hf", "architecture": arch, "files": weights.files,
                             "torch_dtype": cfg.get("torch_dtype") or cfg.get("dtype")},
-                  **parts)
+                  generation=from_hf_dir(path), **parts)
 
 
 # ============================================================================ save
