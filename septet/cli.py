@@ -187,8 +187,8 @@ def cmd_fetch(args: argparse.Namespace) -> Any:
 def cmd_env(args: argparse.Namespace) -> Any:
     from . import env
 
-    rows = [{"name": name, "value": os.environ.get(name), "doc": " ".join(doc.split())}
-            for name, doc in env.VARIABLES.items()]
+    rows = [{"name": name, "value": value, "doc": " ".join(env.VARIABLES[name].split())}
+            for name, value in env.values().items()]
     if args.json:
         return rows
     for r in rows:
@@ -206,6 +206,12 @@ def _inference_flags(p: LazyParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (a 15-50 s first call; faster tokens for models "
                         "without the fused step: LLaMA on --quant int4/int8 is faster without it)")
+
+
+def _export_targets() -> tuple[str, ...]:
+    from .checkpoints.convert import TARGETS
+
+    return TARGETS
 
 
 def _registry_inference_flags(p: argparse.ArgumentParser) -> None:
@@ -227,9 +233,10 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     from .api import DTYPES
     from .models import presets
     from .train.loop import TrainConfig
+    from .train.optim import OPTIMIZERS
     from .train.schedules import KINDS
 
-    options.add_flags(p, TrainConfig, choices={"schedule": KINDS, "dtype": DTYPES}, flags={
+    options.add_flags(p, TrainConfig, choices={"schedule": KINDS, "dtype": DTYPES, "optimizer": OPTIMIZERS}, flags={
         "model": options.Flag(help="preset name: " + ", ".join(sorted(presets()))),
         "data": options.Flag(help="corpus: 'shakespeare' (default), a file, a directory or a .jsonl"),
         "out": options.Flag(default=None, help="run directory (default runs/MODEL)"),
@@ -300,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = verb("export", cmd_export, "convert a model to an HF directory, a GGUF file or a septet checkpoint")
     x.add_argument("--model", required=True, help="asset name, checkpoint or run dir, HF/Meta dir, .gguf")
-    x.add_argument("--to", required=True, choices=["hf", "gguf", "septet"])
+    x.defer(lambda p: p.add_argument("--to", required=True, choices=_export_targets()))
     x.add_argument("--out", required=True, help="output directory (hf, septet) or .gguf file")
     x.add_argument("--dtype", default=None, help="hf/septet: f32, f16, bf16; gguf: f32, f16, q8_0")
 

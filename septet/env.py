@@ -58,6 +58,11 @@ def bigbench_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def values() -> dict[str, str | None]:
+    """Each variable's raw value here (None: unset), for `septet env`."""
+    return {name: os.environ.get(name) for name in VARIABLES}
+
+
 # name -> what it does; the README's table and `septet env` print this
 VARIABLES = {
     "SEPTET_HOME": home.__doc__,

@@ -225,14 +225,21 @@ def test_old_style_train_flags_give_the_same_config():
 
 def test_choices_come_from_their_registries():
     from septet.api import DTYPES
+    from septet.checkpoints.convert import TARGETS
+    from septet.eval.metrics import MC_MODES
     from septet.inference.quant import MODES
     from septet.models import presets
+    from septet.train.optim import OPTIMIZERS
     from septet.train.schedules import KINDS
     from septet.vlm.infer import ARCHS
 
     train = _subparser("train")
     assert tuple(_action(train, "--schedule").choices) == KINDS
     assert tuple(_action(train, "--dtype").choices) == tuple(DTYPES)
+    assert tuple(_action(train, "--optimizer").choices) == OPTIMIZERS
+    assert tuple(_action(_subparser("export"), "--to").choices) == TARGETS
+    ev = _subparser("eval")
+    assert (tuple(_action(ev, "--mode").choices), tuple(_action(ev, "--dtype").choices)) == (MC_MODES, tuple(DTYPES))
     assert all(name in _action(train, "--model").help for name in presets())
     for verb in ("chat", "generate", "serve"):
         p = _subparser(verb)

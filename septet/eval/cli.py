@@ -136,6 +136,15 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "model"
 
 
+def _registry_flags(p: argparse.ArgumentParser) -> None:
+    from ..api import DTYPES
+    from .metrics import MC_MODES
+
+    p.add_argument("--mode", choices=MC_MODES, default=None,
+                   help="multiple-choice scoring for JSONL tasks (default: the task's, else per-token)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+
+
 def add_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     """Register this package's verbs with the main parser (see septet.cli.build_parser)."""
     e = verb("eval", cmd_eval, "evaluate a model few-shot (GPT-3 protocol, BIG-bench, JSONL tasks)")
@@ -152,12 +161,10 @@ def add_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     e.add_argument("--seed", type=int, default=None,
                    help="seed of the demonstration draws (default: BIG-bench's 42 for BIG-bench, 1234 otherwise)")
     e.add_argument("--out", default=None, help="directory for results.json/.md/.png (default eval_results/MODEL)")
-    e.add_argument("--mode", choices=["sum", "token", "char", "uncond"], default=None,
-                   help="multiple-choice scoring for JSONL tasks (default: the task's, else per-token)")
+    e.defer(_registry_flags)  # their choices come from modules that import torch
     e.add_argument("--calculator", action="store_true",
                    help="chain-of-thought tasks: compute 'a op b =' spans while decoding (PaLM)")
     e.add_argument("--batch-size", type=int, default=32, help="continuations scored per forward pass")
-    e.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     e.add_argument("--compile", action="store_true",
                    help="greedy generation through the compiled static decode step (same tokens, faster)")
     e.add_argument("--device", default="cpu")

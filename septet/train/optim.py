@@ -157,6 +157,9 @@ class Adafactor(torch.optim.Optimizer):
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
 
 
+OPTIMIZERS = ("adamw", "adafactor")
+
+
 def build_optimizer(
     model: nn.Module,
     name: str,
@@ -180,7 +183,7 @@ def build_optimizer(
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
     if key == "adafactor":
         return Adafactor(groups, lr=lr, beta1=betas[0], weight_decay=weight_decay)
-    raise ConfigError(f"optimizer {name!r} is unknown; use 'adamw' or 'adafactor'")
+    raise ConfigError(f"optimizer {name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
 
 
 __all__ = ["Adafactor", "beta2_at", "build_optimizer", "param_groups"]
