@@ -56,7 +56,6 @@ from septet.models import (
 )
 from septet.models.base import DecoderLM  # noqa: E402
 from septet.nn.positions import LearnedPositions  # noqa: E402
-from septet.train.determinism import deterministic_training  # noqa: E402
 from septet.train.flops import matmul_params, measure_matmul_peak, mfu, model_flops_per_token  # noqa: E402
 from septet.train.optim import build_optimizer  # noqa: E402
 
@@ -399,31 +398,6 @@ def bench(name: str, cfg, mode: str, batches, steps: int, warmup: int, device: t
     return out
 
 
-def deterministic_ab(name: str, cfg, batches, steps: int, warmup: int, device: torch.device) -> dict:
-    """septet's fp32 eager step without and with septet.train.determinism's deterministic
-    mode, two copies of the same model alternating (A B B A ...) so load hits both alike.
-    Both copies start equal and see the same batches, so their losses must agree bit for bit."""
-    (plain, _, _), (det, _, _) = (make_pair(cfg, False, False, device) for _ in range(2))
-    times = {"off": [], "on": []}
-    losses = {"off": [], "on": []}
-    for i in range(warmup + steps):
-        order = (("off", plain), ("on", det)) if i % 2 == 0 else (("on", det), ("off", plain))
-        for label, runner in order:
-            deterministic_training(label == "on")
-            t0 = time.perf_counter()
-            losses[label].append(runner.step(*batches[i % len(batches)]))
-            if i >= warmup:
-                times[label].append(time.perf_counter() - t0)
-    deterministic_training(False)
-    tokens = batches[0][0].numel()
-    out = {"model": name, "same_losses": losses["off"] == losses["on"]}
-    for label in ("off", "on"):
-        out[label] = {"tokens_per_s": tokens / statistics.median(times[label]),
-                      "step_s_median": statistics.median(times[label])}
-    out["ratio_on_off"] = out["on"]["tokens_per_s"] / out["off"]["tokens_per_s"]
-    return out
-
-
 def sized(name: str, size: str, seq: int):
     """The preset's config, or (size "small") its family at GPT-3 Small's shape (12 layers,
     d 768, 12 heads; Brown et al. Table 2.1) with a 32k vocabulary: big enough that a GPU
@@ -465,8 +439,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--size", choices=["tiny", "small"], default="tiny",
                     help="tiny: the -tiny presets; small: each family at GPT-3 Small's shape")
-    ap.add_argument("--deterministic-ab", action="store_true",
-                    help="instead: septet's fp32 step with and without deterministic_training, side by side")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -485,22 +457,6 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(device)
     log(f"# {info.get('gpu', info['cpu'])}, {info['cores']} cores, torch {info['torch']}, "
         f"{info['threads']} threads, load {info['loadavg'][0]:.2f}")
-    if args.deterministic_ab:
-        rows = []
-        for m in models:
-            name = PRESETS[m] if args.size == "tiny" else f"{m}-small"
-            cfg = sized(PRESETS[m], args.size, args.seq)
-            res = deterministic_ab(name, cfg, make_batches(cfg.vocab_size, args.batch, args.seq, device),
-                                   args.steps, args.warmup, device)
-            rows.append(res)
-            log(f"{name:10s} deterministic off {res['off']['tokens_per_s']:8.0f} tok/s  on "
-                f"{res['on']['tokens_per_s']:8.0f} tok/s  ratio on/off {res['ratio_on_off']:.3f}  "
-                f"same losses {res['same_losses']}")
-        if args.json:
-            print(json.dumps({"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                              "machine": info, "batch": args.batch, "seq_len": args.seq,
-                              "steps": args.steps, "results": rows}, indent=2))
-        return 0
     peaks = {}
     if "fp32-eager" in modes:
         peaks["fp32"] = max(measure_matmul_peak(torch.float32, device, seconds=0.5) for _ in range(3))
