@@ -93,3 +93,22 @@ def test_torchrun_two_threads_matches_single_process(small_corpus, tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5)
+
+
+def test_every_gemm_of_a_run_is_in_mkls_reproducible_mode(small_corpus, tmp_path):
+    """The mode is in force from the first GEMM (MKL reads it once, at its first call):
+    MKL_VERBOSE shows CNR:AUTO,STRICT on every call of a training run, and CNR:OFF with
+    SEPTET_DETERMINISTIC=0. Skips where torch's BLAS is not MKL."""
+    modes = {}
+    for setting in ("1", "0"):
+        env = {**thread_env(), "MKL_VERBOSE": "1", "SEPTET_DETERMINISTIC": setting}
+        env.pop("MKL_CBWR", None)
+        proc = subprocess.run(train_cmd(tmp_path / f"run{setting}", small_corpus, 2), capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        modes[setting] = {line.split("CNR:")[1].split()[0] for line in proc.stdout.splitlines()
+                          if line.startswith("MKL_VERBOSE") and "CNR:" in line}
+    if not modes["1"] and not modes["0"]:
+        pytest.skip("torch's BLAS here is not MKL (no MKL_VERBOSE lines)")
+    assert modes["1"] == {"AUTO,STRICT"}
+    assert modes["0"] == {"OFF"}
