@@ -3,9 +3,10 @@
 - `engine`: `DecodeBatch`, the one batch engine (padding, cache, prefill, step, rows
   leaving and joining) that every decoding caller drives
 - `steps/`: the one-token step in three implementations (eager, fused, compiled)
+- `kv_cache`: the cache the engine allocates, with septet's decode-attention kernel
 - `sampling`: `Sampling` and the per-row sampler; `text`: ids to text with stop strings
 - `generate`: one prompt streamed, or many together; `beam`: beam search
-- `repetition`: a guard that ends a row caught in a loop
+- `repetition`: detects a reply caught in a loop (chat and the server stop on it)
 - `quant/`: weight-only quantisation (`QuantPlan`, `quantize_model`, `QuantizeOnLoad`)
 
 The package knows nothing of tokenization: it takes and gives token ids (`text` turns

@@ -6,9 +6,11 @@ rows, admitting a late row), the prefill and the one-token step; nobody else tou
 tensors. Callers:
 
 - `generate.generate_ids` / `generate_batch`: one prompt streamed, or many together
-- `eval.scoring.Scorer`: log-likelihoods (`fork` + `extend`), greedy decoding, beam search
+- `eval.scoring.Scorer`: log-likelihoods (`fork` + `extend`), greedy decoding (through
+  generate_batch), beam search; `eval.cot`: a calculator's result fed with `extend`
 - `serve.scheduler`: requests in flight, each with its own sampling, joining mid-batch
 - `inference.beam.beam_search`: through `step` and `keep` (rows repeat as beams split)
+- Flamingo and BLIP-2 (`conditioned`: an image-conditioned prefill), and VLM answer ranking
 
 Each row computes what it would alone: padding keys are masked, and every row gets its own
 positions (`DecoderLM.row_positions`). The decode loop, in `decode()`:
